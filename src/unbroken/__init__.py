@@ -1,0 +1,29 @@
+"""unbroken: crash-safe, bit-exact checkpointing and auto-resume for PyTorch training.
+
+    ckpt = unbroken.CheckpointManager("runs/exp1", state={"model": model, "optimizer": opt},
+                                      every_steps=1000, keep_last=3)
+    start = ckpt.restore()
+    for step in range(start, total_steps):
+        ...
+        ckpt.step(step + 1, metrics={"loss": loss})
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+from .checkpoint import __version__
+from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
+                     CorruptCheckpointError, StateMismatchError, StorageError, UnbrokenError,
+                     UnserializableStateError, UnsupportedFormatError)
+from .manager import CheckpointManager
+from .oneshot import load, save
+from .records import CheckpointRecord
+from .retention import KeepBest, KeepEvery, KeepLast
+
+__all__ = [
+    "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
+    "KeepLast", "KeepBest", "KeepEvery",
+    "UnbrokenError", "CorruptCheckpointError", "UnsupportedFormatError", "UnserializableStateError",
+    "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError",
+    "CheckpointSkippedWarning",
+]

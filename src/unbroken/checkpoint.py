@@ -1,0 +1,69 @@
+"""One checkpoint end to end: capture + write on save; read + verify + restore on load."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec import encode
+from .format import Manifest
+from .io import read_manifest, read_tensors, write_checkpoint
+from .state import Snapshot, capture, restore_state
+from .storage import Storage
+
+__all__ = ["versions", "build_manifest", "save_checkpoint", "load_checkpoint"]
+
+__version__ = "0.1.0"
+
+
+def versions() -> dict[str, str]:
+    return {"unbroken": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def build_manifest(snap: Snapshot, step: int, metrics: Mapping[str, Any] | None, metadata: Any,
+                   world_size: int = 1) -> Manifest:
+    """The manifest of ``snap`` before its files are written (files and tensors are filled by the writer)."""
+    def no_tensors(where: str, tensor: torch.Tensor) -> str:
+        raise TypeError(f"{where}: metrics and metadata must not hold tensors; use .item() or .tolist()")
+
+    return Manifest(step=step, created=time.time(), world_size=world_size, versions=versions(), files={},
+                    tensors={}, state=snap.state,
+                    metrics=_encode_metrics(metrics or {}), metadata=encode(metadata, "metadata", no_tensors))
+
+
+def _encode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"metric {name!r}={value!r}: metrics must map str names to numbers")
+        out[name] = encode(value, f"metrics/{name}", _never)
+    return out
+
+
+def _never(where: str, tensor: torch.Tensor) -> str:
+    raise TypeError(where)
+
+
+def save_checkpoint(storage: Storage, name: str, state: Mapping[str, Any], step: int,
+                    metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True) -> Manifest:
+    snap = capture(state, rng=rng)
+    return write_checkpoint(storage, name, snap.tensors, build_manifest(snap, step, metrics, metadata))
+
+
+def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any], strict: bool = True,
+                    rng: bool = True) -> Manifest:
+    """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
+    manifest = read_manifest(storage, name)
+    tensors = read_tensors(storage, name, manifest)
+    restore_state(state, manifest.state, tensors, strict=strict, rng=rng)
+    return manifest

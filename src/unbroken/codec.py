@@ -1,0 +1,184 @@
+"""Exact, code-free encoding of state values as JSON plus a list of tensors.
+
+``load_state_dict(saved)`` must receive values equal to what ``state_dict()`` returned, type for type.
+Plain JSON loses tuples, int dict keys, ``inf``/``nan`` and NumPy types, so those are written as small
+tagged objects (a dict with a single ``"__tag__"`` key).  Tensors and NumPy arrays are not stored in the
+JSON at all: they are handed to ``add_tensor`` and replaced by a reference to the tensor file.
+
+Decoding only ever builds the plain types listed here; it never imports or calls anything named by
+the input, so a crafted manifest cannot execute code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from .errors import CorruptCheckpointError, UnserializableStateError
+
+__all__ = ["Json", "encode", "decode", "MAX_DEPTH"]
+
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
+AddTensor = Callable[[str, torch.Tensor], str]
+GetTensor = Callable[[str], torch.Tensor]
+
+MAX_DEPTH = 64
+_TAG = re.compile(r"^__[a-z]+__$")
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+def encode(value: Any, where: str, add_tensor: AddTensor, depth: int = 0) -> Json:
+    """Encode ``value`` found at ``where`` (a readable path such as ``optimizer/state/0``)."""
+    if depth > MAX_DEPTH:
+        raise UnserializableStateError(f"{where}: nested deeper than {MAX_DEPTH} levels (a reference cycle?)")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.generic):  # before int/float: np.float64 subclasses float
+        return {"__npscalar__": [value.dtype.str, encode(value.item(), where, add_tensor, depth + 1)]}
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else {"__float__": _nonfinite_name(value)}
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": add_tensor(where, value)}
+    if isinstance(value, np.ndarray):
+        return _encode_ndarray(value, where, add_tensor)
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.Size):
+        return {"__size__": [int(v) for v in value]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"__bytes__": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, argparse.Namespace):
+        return {"__namespace__": _encode_mapping(vars(value), where, add_tensor, depth)}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return {"__tuple__": [encode(v, f"{where}/{i}", add_tensor, depth + 1) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode(v, f"{where}/{i}", add_tensor, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return _encode_mapping(value, where, add_tensor, depth)
+    raise UnserializableStateError(
+        f"state entry {where!r}: a value of type {type(value).__module__}.{type(value).__qualname__} is neither a tensor nor "
+        "a JSON-able value (None, bool, int, float, str, list, tuple, dict, NumPy array/scalar). "
+        "Fix: convert it (e.g. a dataclass with dataclasses.asdict, a function to its name), or give the "
+        "object state_dict()/load_state_dict() methods that return and accept such values."
+    )
+
+
+def _nonfinite_name(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    return "inf" if value > 0 else "-inf"
+
+
+def _encode_ndarray(value: np.ndarray, where: str, add_tensor: AddTensor) -> Json:
+    if value.dtype == object or value.dtype.kind not in "biuf":
+        raise UnserializableStateError(
+            f"state entry {where!r}: NumPy array of dtype {value.dtype} cannot be stored without pickle. "
+            "Fix: use a numeric dtype."
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(value))
+    return {"__ndarray__": add_tensor(where, tensor)}
+
+
+def _encode_mapping(value: Mapping[Any, Any], where: str, add_tensor: AddTensor, depth: int) -> Json:
+    plain = all(isinstance(k, str) and not _TAG.match(k) for k in value)
+    if plain:
+        return {k: encode(v, f"{where}/{k}", add_tensor, depth + 1) for k, v in value.items()}
+    items = []
+    for k, v in value.items():
+        key = encode(k, f"{where} (key {k!r})", _no_tensor_keys, depth + 1)
+        items.append([key, encode(v, f"{where}/{k}", add_tensor, depth + 1)])
+    return {"__dict__": items}
+
+
+def _no_tensor_keys(where: str, tensor: torch.Tensor) -> str:
+    raise UnserializableStateError(f"{where}: tensors cannot be dict keys. Fix: use an int or str key.")
+
+
+def decode(node: Json, get_tensor: GetTensor, depth: int = 0) -> Any:
+    """Rebuild the value :func:`encode` produced.  Raises :class:`CorruptCheckpointError` on bad input."""
+    if depth > MAX_DEPTH:
+        raise CorruptCheckpointError(f"state tree nested deeper than {MAX_DEPTH} levels")
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [decode(v, get_tensor, depth + 1) for v in node]
+    if not isinstance(node, dict):
+        raise CorruptCheckpointError(f"unexpected JSON value of type {type(node).__name__} in state tree")
+    if len(node) == 1:
+        (key, arg), = node.items()
+        if _TAG.match(key):
+            return _decode_tagged(key, arg, get_tensor, depth)
+    return {k: decode(v, get_tensor, depth + 1) for k, v in node.items()}
+
+
+def _decode_tagged(tag: str, arg: Json, get_tensor: GetTensor, depth: int) -> Any:
+    if tag == "__tensor__":
+        return get_tensor(_expect(arg, str, tag))
+    if tag == "__ndarray__":
+        return get_tensor(_expect(arg, str, tag)).numpy()
+    if tag == "__float__":
+        name = _expect(arg, str, tag)
+        if name not in _NONFINITE:
+            raise CorruptCheckpointError(f"unknown non-finite float {name!r}")
+        return _NONFINITE[name]
+    if tag == "__tuple__":
+        return tuple(decode(v, get_tensor, depth + 1) for v in _expect(arg, list, tag))
+    if tag == "__dict__":
+        return _decode_items(_expect(arg, list, tag), get_tensor, depth)
+    if tag == "__namespace__":
+        return argparse.Namespace(**_expect(decode(arg, get_tensor, depth + 1), dict, tag))
+    if tag == "__npscalar__":
+        parts = _expect(arg, list, tag)
+        if len(parts) != 2:
+            raise CorruptCheckpointError("malformed __npscalar__ in state tree: expected [dtype, value]")
+        dtype, inner = parts
+        return _decode_npscalar(dtype, decode(inner, get_tensor, depth + 1))
+    if tag == "__dtype__":
+        name = _expect(arg, str, tag)
+        if name not in _DTYPES:
+            raise CorruptCheckpointError(f"unknown torch dtype {name!r}")
+        return _DTYPES[name]
+    if tag == "__size__":
+        return torch.Size([_expect(v, int, tag) for v in _expect(arg, list, tag)])
+    if tag == "__bytes__":
+        return base64.b64decode(_expect(arg, str, tag), validate=True)
+    raise CorruptCheckpointError(f"unknown tag {tag!r} in state tree (written by a newer unbroken?)")
+
+
+def _decode_items(items: list[Json], get_tensor: GetTensor, depth: int) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise CorruptCheckpointError("malformed '__dict__' entry in state tree: expected [key, value]")
+        key = decode(item[0], get_tensor, depth + 1)
+        try:
+            out[key] = decode(item[1], get_tensor, depth + 1)
+        except TypeError as exc:  # an unhashable key (a list) in a crafted manifest
+            raise CorruptCheckpointError(f"unhashable dict key {key!r} in state tree") from exc
+    return out
+
+
+def _decode_npscalar(dtype: Any, value: Any) -> Any:
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError as exc:
+        raise CorruptCheckpointError(f"invalid NumPy scalar dtype {dtype!r}") from exc
+    if np_dtype.kind not in "biufc":
+        raise CorruptCheckpointError(f"NumPy scalar dtype {dtype!r} is not numeric")
+    return np_dtype.type(value)
+
+
+def _expect(value: Any, kind: type, tag: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CorruptCheckpointError(f"malformed {tag} in state tree: expected {kind.__name__}")
+    return value

@@ -1,0 +1,56 @@
+"""The errors unbroken raises.
+
+Each class derives from the builtin exception a caller would naturally catch (``ValueError`` for bad
+data, ``OSError`` for storage, ...) and from :class:`UnbrokenError`, so ``except UnbrokenError``
+catches everything of ours.  Messages name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "UnbrokenError",
+    "CorruptCheckpointError",
+    "UnsupportedFormatError",
+    "UnserializableStateError",
+    "StateMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointExistsError",
+    "StorageError",
+    "CheckpointSkippedWarning",
+]
+
+
+class UnbrokenError(Exception):
+    """Base class of every error raised by unbroken."""
+
+
+class CorruptCheckpointError(UnbrokenError, ValueError):
+    """A checkpoint on disk is truncated, bit-flipped, half-written or crafted."""
+
+
+class UnsupportedFormatError(CorruptCheckpointError):
+    """The checkpoint was written by an incompatible (newer major) format version."""
+
+
+class UnserializableStateError(UnbrokenError, TypeError):
+    """A state value is neither a tensor nor a JSON-able value we can encode exactly."""
+
+
+class StateMismatchError(UnbrokenError, ValueError):
+    """The checkpoint does not fit the live objects (missing/unexpected keys, shapes, dtypes)."""
+
+
+class CheckpointNotFoundError(UnbrokenError, FileNotFoundError):
+    """The requested checkpoint or run directory does not exist."""
+
+
+class CheckpointExistsError(UnbrokenError, FileExistsError):
+    """A committed checkpoint for this step already exists and is never overwritten."""
+
+
+class StorageError(UnbrokenError, OSError):
+    """Writing, committing or deleting a checkpoint failed at the storage level."""
+
+
+class CheckpointSkippedWarning(UserWarning):
+    """A checkpoint was found invalid and skipped; an older valid one is used instead."""

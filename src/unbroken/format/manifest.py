@@ -1,0 +1,168 @@
+"""``manifest.json``: the record of one checkpoint, and the commit marker.
+
+The manifest is written last, after every tensor file is durable, so a checkpoint directory without
+a valid manifest was never committed.  It lists each file's size and header checksum and each
+tensor's file, byte range, dtype, shape and CRC32C, so a reader can verify every byte before use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from .dtypes import NAME_TO_DTYPE
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "Manifest", "MANIFEST_NAME",
+           "MAX_MANIFEST_BYTES", "check_file_name"]
+
+FORMAT_NAME = "unbroken-checkpoint"
+FORMAT_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+CHECKSUM = "crc32c"
+_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+
+def check_file_name(name: object, where: str) -> str:
+    """A file name from a manifest may only name a file inside the checkpoint, never a path."""
+    if not isinstance(name, str) or not _FILE_NAME.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+        raise CorruptCheckpointError(f"{where}: {name!r} is not an allowed file name (no paths, [A-Za-z0-9._-])")
+    return name
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    header_crc32c: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    crc32c: int
+
+
+@dataclass
+class Manifest:
+    step: int
+    created: float
+    world_size: int
+    versions: dict[str, str]
+    files: dict[str, FileEntry]
+    tensors: dict[str, TensorEntry]
+    state: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: Any = None
+    format_version: str = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME, "format_version": self.format_version, "step": self.step,
+            "created": self.created, "world_size": self.world_size, "versions": self.versions,
+            "checksum": CHECKSUM, "metrics": self.metrics, "metadata": self.metadata,
+            "files": {n: {"size": f.size, "header_crc32c": f.header_crc32c} for n, f in self.files.items()},
+            "tensors": {n: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end],
+                            "crc32c": t.crc32c} for n, t in self.tensors.items()},
+            "state": self.state,
+        }
+        # allow_nan=False: the manifest is strict JSON that any tool parses; non-finite floats are
+        # tagged by the codec before they get here.
+        return json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> Manifest:
+        """Parse and validate a manifest read from an untrusted file."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} cap")
+        if not raw.strip():
+            raise CorruptCheckpointError(f"{where}: manifest is empty (the save was interrupted before commit)")
+        try:
+            doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+            raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from None
+        return _parse(doc, where)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _parse(doc: Any, where: str) -> Manifest:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{where}: not an unbroken manifest (missing \"format\": \"{FORMAT_NAME}\")")
+    _check_version(doc.get("format_version"), where)
+    if doc.get("checksum") != CHECKSUM:
+        raise CorruptCheckpointError(f"{where}: unknown checksum algorithm {doc.get('checksum')!r}")
+    files = {check_file_name(n, where): _file_entry(e, n, where) for n, e in _get(doc, "files", dict, where).items()}
+    tensors = {n: _tensor_entry(e, n, files, where) for n, e in _get(doc, "tensors", dict, where).items()}
+    created = _get(doc, "created", (int, float), where)
+    if not math.isfinite(created):
+        raise CorruptCheckpointError(f"{where}: 'created' is not a finite time")
+    metrics = doc.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise CorruptCheckpointError(f"{where}: 'metrics' must be an object")
+    return Manifest(
+        step=_count(doc.get("step"), "step", where), created=float(created),
+        world_size=_count(doc.get("world_size"), "world_size", where),
+        versions={str(k): str(v) for k, v in _get(doc, "versions", dict, where).items()},
+        files=files, tensors=tensors, state=_get(doc, "state", dict, where),
+        metrics=metrics, metadata=doc.get("metadata"), format_version=doc["format_version"],
+    )
+
+
+def _check_version(version: Any, where: str) -> None:
+    major = version.split(".")[0] if isinstance(version, str) else ""
+    if not major.isdigit():
+        raise CorruptCheckpointError(f"{where}: invalid format_version {version!r}")
+    if int(major) != int(FORMAT_VERSION.split(".")[0]):
+        raise UnsupportedFormatError(
+            f"{where}: format version {version} is not supported by this unbroken (reads {FORMAT_VERSION}); "
+            "upgrade unbroken to read it"
+        )
+
+
+def _get(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CorruptCheckpointError(f"{where}: manifest field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _count(value: Any, what: str, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CorruptCheckpointError(f"{where}: {what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _file_entry(entry: Any, name: str, where: str) -> FileEntry:
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"{where}: file entry {name!r} is not an object")
+    return FileEntry(_count(entry.get("size"), f"size of {name}", where),
+                     _count(entry.get("header_crc32c"), f"header_crc32c of {name}", where))
+
+
+def _tensor_entry(entry: Any, name: str, files: dict[str, FileEntry], where: str) -> TensorEntry:
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"{where}: tensor entry {name!r} is not an object")
+    file, dtype, shape, offsets = entry.get("file"), entry.get("dtype"), entry.get("shape"), entry.get("offsets")
+    if file not in files:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} refers to unlisted file {file!r}")
+    if dtype not in NAME_TO_DTYPE:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed shape or offsets")
+    dims = tuple(_count(d, f"shape of {name}", where) for d in shape)
+    begin, end = (_count(o, f"offsets of {name}", where) for o in offsets)
+    return TensorEntry(file, dtype, dims, begin, end, _count(entry.get("crc32c"), f"crc32c of {name}", where))

@@ -1,0 +1,101 @@
+"""Reading one checkpoint from untrusted storage: every size, offset and checksum checked before use.
+
+Order matters: the manifest is parsed and validated, each file's size and header are checked
+against it, and every tensor's bytes are verified against its CRC32C before any tensor is returned.
+Allocations never exceed the size of a file that actually exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import CorruptCheckpointError
+from ..format import (MANIFEST_NAME, MAX_MANIFEST_BYTES, NAME_TO_DTYPE, PREFIX_BYTES, Manifest, TensorEntry,
+                      TensorSpan, header_length, parse_header)
+from ..storage import ReadHandle, Storage
+from .checksum import crc32c
+from .tensor_bytes import byte_view
+
+__all__ = ["read_manifest", "read_tensors", "verify_checkpoint"]
+
+
+def read_manifest(storage: Storage, name: str) -> Manifest:
+    where = f"{storage.url}/{name}/{MANIFEST_NAME}"
+    with storage.open(name, MANIFEST_NAME) as handle:
+        if handle.size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"{where}: {handle.size} bytes, over the {MAX_MANIFEST_BYTES} cap")
+        raw = bytearray(handle.size)
+        handle.read_into(0, memoryview(raw))
+    return Manifest.from_json(bytes(raw), where)
+
+
+def read_tensors(storage: Storage, name: str, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, on the CPU, each verified against its checksum."""
+    return dict(_iter_tensors(storage, name, manifest))
+
+
+def verify_checkpoint(storage: Storage, name: str) -> Manifest:
+    """Check every byte of checkpoint ``name``; its manifest, or :class:`CorruptCheckpointError`."""
+    manifest = read_manifest(storage, name)
+    for _ in _iter_tensors(storage, name, manifest):
+        pass
+    return manifest
+
+
+def _iter_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
+    by_file: dict[str, list[tuple[str, TensorEntry]]] = {f: [] for f in manifest.files}
+    for tensor_name, entry in manifest.tensors.items():
+        by_file[entry.file].append((tensor_name, entry))
+    for file_name, entries in by_file.items():
+        where = f"{storage.url}/{name}/{file_name}"
+        with storage.open(name, file_name) as handle:
+            _check_file(handle, manifest, file_name, entries, where)
+            for tensor_name, entry in entries:
+                yield tensor_name, _read_tensor(handle, tensor_name, entry, where)
+
+
+def _check_file(handle: ReadHandle, manifest: Manifest, file_name: str,
+                entries: list[tuple[str, TensorEntry]], where: str) -> None:
+    expected = manifest.files[file_name]
+    if handle.size != expected.size:
+        raise CorruptCheckpointError(
+            f"{where}: file is {handle.size} bytes but the manifest says {expected.size} (truncated or replaced)")
+    prefix = bytearray(PREFIX_BYTES)
+    handle.read_into(0, memoryview(prefix))
+    body = bytearray(header_length(bytes(prefix), handle.size, where))
+    handle.read_into(PREFIX_BYTES, memoryview(body))
+    found = crc32c(bytes(body), crc32c(bytes(prefix)))
+    if found != expected.header_crc32c:
+        raise CorruptCheckpointError(
+            f"{where}: header checksum mismatch (expected crc32c {expected.header_crc32c:08x}, found {found:08x})")
+    spans = {s.name: s for s in parse_header(bytes(body), handle.size, where)}
+    _match_spans(spans, entries, where)
+
+
+def _match_spans(spans: dict[str, TensorSpan], entries: list[tuple[str, TensorEntry]], where: str) -> None:
+    listed = {n for n, _ in entries}
+    if listed != set(spans):
+        extra, missing = sorted(set(spans) - listed), sorted(listed - set(spans))
+        raise CorruptCheckpointError(f"{where}: tensors differ from the manifest (missing {missing[:5]}, "
+                                     f"unlisted {extra[:5]})")
+    for tensor_name, entry in entries:
+        span = spans[tensor_name]
+        if (span.dtype, span.shape, span.begin, span.end) != (entry.dtype, entry.shape, entry.begin, entry.end):
+            raise CorruptCheckpointError(
+                f"{where}: tensor {tensor_name!r} is {span.dtype}{list(span.shape)} at bytes "
+                f"[{span.begin}, {span.end}) but the manifest says {entry.dtype}{list(entry.shape)} at "
+                f"[{entry.begin}, {entry.end})")
+
+
+def _read_tensor(handle: ReadHandle, tensor_name: str, entry: TensorEntry, where: str) -> torch.Tensor:
+    tensor = torch.empty(entry.shape, dtype=NAME_TO_DTYPE[entry.dtype])
+    view = byte_view(tensor)
+    handle.read_into(entry.begin, view)
+    found = crc32c(view)
+    if found != entry.crc32c:
+        raise CorruptCheckpointError(
+            f"{where}: tensor {tensor_name!r} checksum mismatch (expected crc32c {entry.crc32c:08x}, "
+            f"found {found:08x}); the data is corrupt")
+    return tensor

@@ -1,0 +1,29 @@
+"""Raw bytes of a tensor, without copying when it is already a dense CPU tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnserializableStateError
+
+__all__ = ["host_tensor", "byte_view"]
+
+
+def host_tensor(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """A dense, contiguous CPU tensor with the same values (the same object when it already is one)."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
+        raise UnserializableStateError(
+            f"{where}: {tensor.layout} / quantized / meta tensors cannot be saved as raw bytes. "
+            "Fix: convert it to a dense tensor (e.g. .to_dense()) before saving."
+        )
+    tensor = tensor.detach().resolve_conj().resolve_neg()
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A flat byte view of a contiguous CPU tensor's memory (no copy)."""
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())

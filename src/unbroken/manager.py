@@ -1,0 +1,186 @@
+"""CheckpointManager: when to save, which checkpoints to keep, and resuming from the newest valid one."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from collections.abc import MutableMapping
+from types import TracebackType
+from typing import Any
+
+from .checkpoint import build_manifest
+from .config import ManagerConfig
+from .errors import CheckpointExistsError, StorageError
+from .format import Manifest
+from .io import SyncWriter, Writer, write_checkpoint
+from .records import CheckpointRecord, record_of, scan
+from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
+from .retention import Candidate, steps_to_keep
+from .state import capture, check_state_keys
+from .storage import LocalStorage, Storage, step_name
+from .checkpoint import load_checkpoint
+
+__all__ = ["CheckpointManager"]
+
+log = logging.getLogger("unbroken")
+
+
+class CheckpointManager:
+    """Captures the whole training state, saves it crash-safely, keeps the right checkpoints, resumes.
+
+    ``state`` maps names to objects with ``state_dict()``/``load_state_dict()`` (models, optimizers,
+    schedulers, scalers, EMA models, samplers, ...) or to plain JSON-able values (epoch, args).  The
+    dict is read at every save and updated in place by :meth:`restore`.  See :class:`ManagerConfig`
+    for every keyword argument.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], state: MutableMapping[str, Any], *,
+                 every_steps: int | None = None, every_minutes: float | None = None,
+                 keep_last: int | None = None, keep_best: int | None = None, best_metric: str | None = None,
+                 best_mode: str = "min", keep_every: int | None = None, save_on_close: bool = True,
+                 strict: bool = True, capture_rng: bool = True, metadata: Any = None) -> None:
+        self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
+                                    keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
+                                    keep_every=keep_every, save_on_close=save_on_close, strict=strict,
+                                    capture_rng=capture_rng, metadata=metadata)
+        check_state_keys(state)
+        self.state = state
+        self.storage: Storage = _open_run_directory(directory)
+        self._schedule = self.config.schedule()
+        self._policies = self.config.policies()
+        self._writer: Writer = SyncWriter()
+        self._last_step: int | None = None
+        self._last_metrics: dict[str, Any] = {}
+        self._saved_steps: set[int] = set()
+        self._closed = False
+
+    # -- resuming ---------------------------------------------------------------------------------
+    def restore(self, step: int | None = None, path: str | os.PathLike[str] | None = None,
+                strict: bool | None = None) -> int:
+        """Restore a checkpoint into the live objects; the step to continue from (0 when none exists).
+
+        With no arguments: the newest checkpoint that validates, skipping broken ones with a
+        warning.  ``step=N`` or ``path=DIR`` restore exactly that checkpoint or raise.
+        """
+        strict = self.config.strict if strict is None else strict
+        removed = self.storage.cleanup()
+        if removed:
+            log.info("removed abandoned staging/trash areas: %s", ", ".join(removed))
+        if path is not None:
+            storage, name = split_checkpoint_path(path)
+            manifest: Manifest | None = load_checkpoint(storage, name, self.state, strict, self.config.capture_rng)
+        elif step is not None:
+            manifest = restore_step(self.storage, step, self.state, strict, self.config.capture_rng)
+        else:
+            manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng)
+        if manifest is None:
+            log.info("no checkpoint in %s: starting from step 0", self.storage.url)
+            return 0
+        self._last_step = manifest.step
+        self._saved_steps.add(manifest.step)
+        self._schedule.saved()
+        log.info("resumed from step %d (%s)", manifest.step, self.storage.url)
+        return manifest.step
+
+    # -- saving -----------------------------------------------------------------------------------
+    def step(self, step: int, metrics: dict[str, Any] | None = None) -> bool:
+        """Report that ``step`` steps are complete; saves when the schedule says so.  True if it saved."""
+        self._check_open()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        if self._last_step is not None and step < self._last_step:
+            raise ValueError(f"step went backwards: {step} after {self._last_step}; pass the number of "
+                             "completed steps, which only grows")
+        self._last_step = step
+        self._last_metrics = dict(metrics or {})
+        if step in self._saved_steps or not self._schedule.due(step):
+            return False
+        self._save(step, self._last_metrics)
+        return True
+
+    def save(self, step: int | None = None, metrics: dict[str, Any] | None = None) -> CheckpointRecord:
+        """Save now (at ``step``, default the last step reported); raises if that step is already saved."""
+        self._check_open()
+        step = self._last_step if step is None else step
+        if step is None:
+            raise ValueError("save() needs a step: pass save(step=N) or call step(N) first")
+        if self.storage.exists(step_name(step)):
+            raise CheckpointExistsError(f"a checkpoint for step {step} already exists in {self.storage.url}; "
+                                        "committed checkpoints are never overwritten")
+        return self._save(step, dict(metrics) if metrics is not None else self._last_metrics)
+
+    def _save(self, step: int, metrics: dict[str, Any]) -> CheckpointRecord:
+        snap = capture(self.state, rng=self.config.capture_rng)
+        manifest = build_manifest(snap, step, metrics, self.config.metadata)
+        name = step_name(step)
+        committed = self._writer.submit(lambda: write_checkpoint(self.storage, name, snap.tensors, manifest)).result()
+        self._saved_steps.add(step)
+        self._schedule.saved()
+        log.info("saved checkpoint step %d (%d bytes) to %s", step, committed.total_bytes, self.storage.url)
+        self._apply_retention()
+        return record_of(self.storage, name, committed)
+
+    def _apply_retention(self) -> None:
+        if not self._policies:
+            return
+        valid = [r for r in scan(self.storage) if r.valid]
+        keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], self._policies)
+        for record in valid:
+            if record.step in keep:
+                continue
+            try:
+                self.storage.delete(step_name(record.step))
+                log.info("retention: deleted checkpoint step %d", record.step)
+            except OSError as exc:  # a failed delete costs disk space, never the run
+                log.warning("retention: could not delete checkpoint step %d: %s", record.step, exc)
+
+    # -- listing and lifetime -----------------------------------------------------------------------
+    def list(self, verify: bool = False) -> list[CheckpointRecord]:
+        """Every checkpoint of the run directory, oldest first, with ``valid`` and ``problem`` set."""
+        return scan(self.storage, verify=verify)
+
+    def close(self) -> None:
+        """Save the final step if configured and not yet saved, and wait for pending saves."""
+        if self._closed:
+            return
+        try:
+            if (self.config.save_on_close and self._last_step is not None
+                    and self._last_step not in self._saved_steps):
+                self._save(self._last_step, self._last_metrics)
+        finally:
+            self._writer.close()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this CheckpointManager is closed")
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # state may be half-updated mid-step: never save it as if it were a completed step
+            self._writer.close()
+            self._closed = True
+
+
+def _open_run_directory(directory: str | os.PathLike[str]) -> Storage:
+    path = os.path.abspath(os.fspath(directory))
+    if is_checkpoint_dir(path):
+        raise ValueError(f"{path} is a single checkpoint, not a run directory; use its parent as the "
+                         "run directory, or restore(path=...) to resume from it")
+    try:
+        storage = LocalStorage(path)
+        probe = os.path.join(path, f".probe-{uuid.uuid4().hex[:8]}")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        hint = "it is on a read-only filesystem" if exc.errno == errno.EROFS else exc.strerror
+        raise StorageError(exc.errno, f"cannot write checkpoints to {path}: {hint}. Fix: choose a writable "
+                           "directory (or fix its permissions/mount)") from exc
+    return storage

@@ -1,0 +1,46 @@
+"""``unbroken.save(path, state)`` / ``unbroken.load(path, state)``: one checkpoint, no manager."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import CheckpointExistsError, CheckpointNotFoundError
+from .records import CheckpointRecord, record_of
+from .resume import is_checkpoint_dir, restore_newest, split_checkpoint_path
+from .storage import LocalStorage
+
+__all__ = ["save", "load"]
+
+
+def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int = 0,
+         metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True) -> CheckpointRecord:
+    """Save ``state`` as the checkpoint directory ``path`` (crash-safe; never overwrites)."""
+    full = os.path.abspath(os.fspath(path))
+    if os.path.lexists(full):
+        raise CheckpointExistsError(f"{full} already exists; choose a new path (checkpoints are never overwritten)")
+    parent, name = os.path.split(full)
+    storage = LocalStorage(parent)
+    manifest = save_checkpoint(storage, name, state, step, metrics=metrics, metadata=metadata, rng=rng)
+    return record_of(storage, name, manifest)
+
+
+def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, strict: bool = True,
+         rng: bool = True) -> CheckpointRecord:
+    """Verify and restore the checkpoint at ``path`` into ``state``.
+
+    ``path`` is a checkpoint directory, or a run directory (its newest valid checkpoint is used).
+    """
+    full = os.path.abspath(os.fspath(path))
+    if is_checkpoint_dir(full):
+        storage, name = split_checkpoint_path(full)
+        return record_of(storage, name, load_checkpoint(storage, name, state, strict=strict, rng=rng))
+    if not os.path.isdir(full):
+        raise CheckpointNotFoundError(f"{full}: no such checkpoint or run directory")
+    run = LocalStorage(full, create=False)
+    manifest = restore_newest(run, state, strict=strict, rng=rng)
+    if manifest is None:
+        raise CheckpointNotFoundError(f"{full}: holds no valid checkpoint (no manifest.json, no step_* directory)")
+    return record_of(run, os.path.basename(f"step_{manifest.step:09d}"), manifest)

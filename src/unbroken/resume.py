@@ -1,0 +1,66 @@
+"""Finding what to resume from: the newest checkpoint that validates, skipping broken ones loudly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import MutableMapping
+from typing import Any
+
+from .checkpoint import load_checkpoint
+from .errors import CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError
+from .format import MANIFEST_NAME, Manifest
+from .storage import LocalStorage, Storage, parse_step_name, step_name
+
+__all__ = ["restore_newest", "restore_step", "split_checkpoint_path"]
+
+log = logging.getLogger("unbroken")
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    steps = (parse_step_name(n) for n in storage.names())
+    return sorted(s for s in steps if s is not None)
+
+
+def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bool, rng: bool) -> Manifest | None:
+    """Restore the newest valid checkpoint; ``None`` when there is none.
+
+    A corrupt checkpoint is skipped with a :class:`CheckpointSkippedWarning`; a checkpoint that does
+    not match the live objects raises, because an older one would not match either.
+    """
+    for step in reversed(committed_steps(storage)):
+        name = step_name(step)
+        try:
+            manifest = load_checkpoint(storage, name, state, strict=strict, rng=rng)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            message = f"skipping checkpoint {storage.url}/{name}: {exc}"
+            log.warning(message)
+            warnings.warn(message, CheckpointSkippedWarning, stacklevel=3)
+            continue
+        if manifest.step != step:
+            raise CorruptCheckpointError(f"{storage.url}/{name}: manifest says step {manifest.step}")
+        return manifest
+    return None
+
+
+def restore_step(storage: Storage, step: int, state: MutableMapping[str, Any], strict: bool, rng: bool) -> Manifest:
+    """Restore exactly ``step``; a clear error (never a silent fallback) if it is missing or broken."""
+    name = step_name(step)
+    if not storage.exists(name):
+        available = committed_steps(storage)
+        raise CheckpointNotFoundError(f"no checkpoint for step {step} in {storage.url}; available steps: "
+                                      f"{available or 'none'}")
+    return load_checkpoint(storage, name, state, strict=strict, rng=rng)
+
+
+def split_checkpoint_path(path: str | os.PathLike[str]) -> tuple[LocalStorage, str]:
+    """A checkpoint directory path as (its parent storage, its name)."""
+    full = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(full):
+        raise CheckpointNotFoundError(f"{full}: no such checkpoint directory")
+    return LocalStorage(os.path.dirname(full), create=False), os.path.basename(full)
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    return os.path.lexists(os.path.join(os.fspath(path), MANIFEST_NAME))

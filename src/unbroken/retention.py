@@ -1,0 +1,100 @@
+"""Which checkpoints to keep: small policies that compose by union.
+
+Each policy names the steps it wants kept; a checkpoint survives if any policy keeps it.  The
+manager always adds the newest valid checkpoint, so no combination of policies can delete the
+checkpoint a restart would resume from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["RetentionPolicy", "KeepLast", "KeepBest", "KeepEvery", "steps_to_keep", "Candidate"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a policy may look at: a committed, valid checkpoint."""
+
+    step: int
+    metrics: dict[str, Any]
+
+
+class RetentionPolicy(Protocol):
+    def keep(self, candidates: Sequence[Candidate]) -> set[int]: ...
+
+
+def _positive(value: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class KeepLast:
+    """Keep the ``n`` newest checkpoints."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _positive(self.n, "keep_last")
+
+    def keep(self, candidates: Sequence[Candidate]) -> set[int]:
+        return {c.step for c in sorted(candidates, key=lambda c: c.step)[-self.n:]}
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``n`` checkpoints with the best ``metric`` (``mode`` "min" or "max").
+
+    Checkpoints without the metric, or with a NaN value, are never "best"; ties go to the newer step.
+    """
+
+    n: int
+    metric: str
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        _positive(self.n, "keep_best")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError("keep_best needs best_metric: the name of a metric passed to step(..., metrics=...)")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.mode!r}")
+
+    def keep(self, candidates: Sequence[Candidate]) -> set[int]:
+        scored = [(c.metrics[self.metric], c.step) for c in candidates if _is_score(c.metrics.get(self.metric))]
+        sign = 1 if self.mode == "min" else -1
+        scored.sort(key=lambda pair: (sign * pair[0], -pair[1]))
+        return {step for _, step in scored[: self.n]}
+
+
+def _is_score(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+@dataclass(frozen=True)
+class KeepEvery:
+    """Keep milestones: every checkpoint whose step is a multiple of ``steps``."""
+
+    steps: int
+
+    def __post_init__(self) -> None:
+        _positive(self.steps, "keep_every")
+
+    def keep(self, candidates: Sequence[Candidate]) -> set[int]:
+        return {c.step for c in candidates if c.step % self.steps == 0}
+
+
+def steps_to_keep(candidates: Sequence[Candidate], policies: Iterable[RetentionPolicy]) -> set[int]:
+    """Union of what every policy keeps, plus the newest checkpoint.  No policies: keep everything."""
+    policies = list(policies)
+    if not candidates:
+        return set()
+    if not policies:
+        return {c.step for c in candidates}
+    kept = {max(c.step for c in candidates)}
+    for policy in policies:
+        kept |= policy.keep(candidates)
+    return kept

@@ -1,0 +1,168 @@
+"""A saved state tree → the live training objects.
+
+Everything is decoded and checked before anything is loaded, so a mismatch leaves the live objects
+untouched and is reported in one error listing every problem.  RNG streams are restored last, after
+any ``load_state_dict`` that might draw random numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections import OrderedDict
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..codec import Json, decode
+from ..errors import CorruptCheckpointError, StateMismatchError
+from .capture import RNG_KEY, check_state_keys
+from .objects import Kind, classify, unwrap_module
+from .rng import restore_rng
+
+__all__ = ["restore_state"]
+
+
+@dataclass
+class _Entry:
+    kind: Kind
+    value: Any
+    meta: Any = None
+    skip: set[str] | None = None  # module keys left out under strict=False
+
+
+def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensors: dict[str, torch.Tensor],
+                  strict: bool = True, rng: bool = True) -> None:
+    check_state_keys(live)
+    entries = {key: _decode_entry(key, node, tensors) for key, node in saved.items()}
+    rng_entry = entries.pop(RNG_KEY, None)
+    problems = _find_problems(live, entries)
+    if problems and strict:
+        raise StateMismatchError(
+            "the checkpoint does not match the live training state:\n  - " + "\n  - ".join(problems)
+            + "\nFix: build the same model/optimizer as when the checkpoint was saved, or pass strict=False "
+            "to load only what matches.")
+    if problems:
+        warnings.warn("loading with strict=False; skipped:\n  - " + "\n  - ".join(problems), stacklevel=3)
+    for key, entry in entries.items():
+        if key in live and entry.kind is classify(live[key]) and entry.skip != {"*"}:
+            live[key] = _apply(live[key], entry)
+    if rng and rng_entry is not None:
+        restore_rng(rng_entry.value)
+
+
+def _decode_entry(key: str, node: Json, tensors: dict[str, torch.Tensor]) -> _Entry:
+    def get_tensor(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise CorruptCheckpointError(f"state entry {key!r} refers to tensor {name!r}, which is not in the checkpoint")
+        return tensors[name]
+
+    if not isinstance(node, dict) or "value" not in node:
+        raise CorruptCheckpointError(f"state entry {key!r} is malformed")
+    try:
+        kind = Kind(node.get("kind"))
+    except ValueError:
+        raise CorruptCheckpointError(f"state entry {key!r} has unknown kind {node.get('kind')!r}") from None
+    return _Entry(kind, decode(node["value"], get_tensor), decode(node.get("meta"), get_tensor))
+
+
+def _find_problems(live: MutableMapping[str, Any], entries: dict[str, _Entry]) -> list[str]:
+    problems = [f"{key!r}: in the live state but not in the checkpoint" for key in live if key not in entries]
+    problems += [f"{key!r}: in the checkpoint but not in the live state" for key in entries if key not in live]
+    for key, entry in entries.items():
+        if key not in live:
+            continue
+        kind = classify(live[key])
+        if kind is not entry.kind:
+            problems.append(f"{key!r}: saved as {entry.kind.value}, but the live object is a {kind.value}")
+            entry.skip = {"*"}
+        elif kind is Kind.MODULE:
+            problems += _module_problems(key, unwrap_module(live[key]).state_dict(), entry)
+        elif kind is Kind.OPTIMIZER:
+            problems += _optimizer_problems(key, live[key].state_dict(), entry)
+    return problems
+
+
+def _module_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[str]:
+    saved: dict[str, Any] = entry.value
+    entry.skip = set()
+    problems = [f"{key!r}: missing key {k!r}" for k in current if k not in saved]
+    problems += [f"{key!r}: unexpected key {k!r}" for k in saved if k not in current]
+    for name in saved.keys() & current.keys():
+        have, want = saved[name], current[name]
+        if not (isinstance(have, torch.Tensor) and isinstance(want, torch.Tensor)):
+            continue
+        if have.shape != want.shape:
+            problems.append(f"{key!r}: {name!r} has shape {list(have.shape)} in the checkpoint but "
+                            f"{list(want.shape)} in the model")
+            entry.skip.add(name)
+        elif have.dtype != want.dtype:
+            problems.append(f"{key!r}: {name!r} is {have.dtype} in the checkpoint but {want.dtype} in the model "
+                            "(strict=False casts it)")
+    return problems
+
+
+def _optimizer_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[str]:
+    saved = entry.value
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        raise CorruptCheckpointError(f"state entry {key!r}: optimizer state without param_groups")
+    have = [len(g.get("params", [])) for g in groups]
+    want = [len(g["params"]) for g in current["param_groups"]]
+    if have != want:
+        entry.skip = {"*"}
+        return [f"{key!r}: the checkpoint has param groups of sizes {have} but the optimizer has {want}"]
+    return []
+
+
+def _apply(target: Any, entry: _Entry) -> Any:
+    if entry.kind is Kind.MODULE:
+        values = OrderedDict((k, v) for k, v in entry.value.items() if k not in (entry.skip or set()))
+        values._metadata = entry.meta or {}  # type: ignore[attr-defined]
+        unwrap_module(target).load_state_dict(values, strict=not entry.skip and _no_missing(target, values))
+        return target
+    if entry.kind in (Kind.OPTIMIZER, Kind.STATEFUL):
+        _load_stateful(target, entry.value)
+        return target
+    return _assign_value(target, entry.value)
+
+
+def _no_missing(target: Any, values: dict[str, Any]) -> bool:
+    return set(unwrap_module(target).state_dict()) == set(values)
+
+
+def _load_stateful(target: Any, value: Any) -> None:
+    if value == {} and target.state_dict() == {}:
+        return  # nothing was saved and nothing is expected (e.g. a disabled GradScaler refuses {})
+    if isinstance(value, dict):
+        value = _to_live_devices(value, target.state_dict())
+    target.load_state_dict(value)
+
+
+def _to_live_devices(saved: Any, current: Any) -> Any:
+    """Tensors go to the device of the live tensor at the same place (saved on GPU, resumed on CPU, ...)."""
+    if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
+        return saved.to(current.device) if saved.device != current.device else saved
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return {k: _to_live_devices(v, current.get(k)) for k, v in saved.items()}
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current):
+        return type(saved)(_to_live_devices(s, c) for s, c in zip(saved, current))
+    return saved
+
+
+def _assign_value(target: Any, value: Any) -> Any:
+    """Plain values update in place where possible, so references the user holds see the restore."""
+    if isinstance(target, argparse.Namespace) and isinstance(value, argparse.Namespace):
+        vars(target).clear()
+        vars(target).update(vars(value))
+        return target
+    if type(target) is dict and type(value) is dict:
+        target.clear()
+        target.update(value)
+        return target
+    if type(target) is list and type(value) is list:
+        target[:] = value
+        return target
+    return value

@@ -1,0 +1,55 @@
+"""The random streams training depends on: Python ``random``, NumPy's global generator, torch CPU and
+every initialised CUDA device.  Captured on every save without user code, restored last on resume."""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["capture_rng", "restore_rng"]
+
+
+def capture_rng() -> dict[str, Any]:
+    streams: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    # An uninitialised CUDA context has generated nothing yet; initialising it here would cost
+    # hundreds of MB of GPU memory in a CPU-only job on a GPU machine.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        streams["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return streams
+
+
+def restore_rng(streams: dict[str, Any]) -> None:
+    if "python" in streams:
+        random.setstate(_as_python_state(streams["python"]))
+    if "numpy" in streams:
+        np.random.set_state(streams["numpy"])
+    if "torch" in streams:
+        torch.set_rng_state(streams["torch"])
+    if "cuda" in streams:
+        _restore_cuda(streams["cuda"])
+
+
+def _as_python_state(state: Any) -> Any:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _restore_cuda(states: list[torch.Tensor]) -> None:
+    if not torch.cuda.is_available():
+        warnings.warn("the checkpoint holds CUDA RNG states but no GPU is available; they were not restored",
+                      stacklevel=3)
+        return
+    count = torch.cuda.device_count()
+    if count != len(states):
+        warnings.warn(f"the checkpoint holds {len(states)} CUDA RNG states but {count} GPUs are visible; "
+                      f"restoring the first {min(count, len(states))}", stacklevel=3)
+    for index, state in enumerate(states[:count]):
+        torch.cuda.set_rng_state(state, index)

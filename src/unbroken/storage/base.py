@@ -1,0 +1,100 @@
+"""The byte-level storage interface: the only thing the layers above know about where bytes go.
+
+A checkpoint is a named set of files.  Writing happens inside a :class:`Staging` area that becomes a
+committed checkpoint in one step, :meth:`Staging.commit`, which writes the manifest last: every other
+file is durable before the manifest exists, so a present, valid manifest means a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+
+__all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "step_name", "parse_step_name"]
+
+STEP_NAME = re.compile(r"^step_(\d{9,})$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    match = STEP_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+class WriteHandle(ABC):
+    """A file being written; the bytes are durable once :meth:`close` returns."""
+
+    @abstractmethod
+    def write(self, data: memoryview) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class ReadHandle(ABC):
+    """An open, regular file of a checkpoint."""
+
+    size: int
+
+    @abstractmethod
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``offset``; a short read raises ``CorruptCheckpointError``."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ReadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Staging(ABC):
+    """A checkpoint in progress; invisible to readers until :meth:`commit`."""
+
+    name: str
+
+    @abstractmethod
+    def create(self, file_name: str) -> WriteHandle: ...
+
+    @abstractmethod
+    def commit(self, manifest: bytes) -> None:
+        """Write the manifest last and publish the checkpoint atomically and durably."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove everything written; never touches committed checkpoints."""
+
+
+class Storage(ABC):
+    """A run directory: committed checkpoints plus staging and trash areas."""
+
+    url: str
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Names of checkpoint directories, staging and trash areas excluded (committed or not)."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def begin(self, name: str) -> Staging: ...
+
+    @abstractmethod
+    def open(self, name: str, file_name: str) -> ReadHandle: ...
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete a checkpoint so that no half-deleted state ever looks committed."""
+
+    @abstractmethod
+    def cleanup(self) -> list[str]:
+        """Remove abandoned staging and trash areas; the names removed."""

@@ -1,0 +1,204 @@
+"""Checkpoints in a local POSIX directory, committed with the durability recipe of docs/RELIABILITY.md.
+
+Commit order (each step exists for a reason):
+1. the staging directory is created next to its final name, so the final rename stays on one
+   filesystem and is atomic;
+2. every file is created exclusively, written fully and fsynced; a failed fsync fails the save and
+   is never retried (after a failed fsync Linux may drop the dirty pages and a retry "succeeds");
+3. the manifest goes to a temporary name, is fsynced and renamed, and the staging dir is fsynced;
+4. the staging dir is renamed to its final name (never replacing a committed one) and the parent is
+   fsynced: the rename is atomic but only durable after the directory fsync.
+Deletion renames to a trash name first, so a half-deleted checkpoint never looks committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import uuid
+
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from .base import ReadHandle, Staging, Storage, WriteHandle
+
+__all__ = ["LocalStorage"]
+
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+_WRITE_BUFFER = 4 * 1024 * 1024
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalWriteHandle(WriteHandle):
+    """Coalesces small writes into one buffer; large ones go straight from tensor memory to the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._pending = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        if len(data) >= _WRITE_BUFFER:
+            self._flush()
+            self._write_all(data)
+            return
+        self._pending += data
+        if len(self._pending) >= _WRITE_BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._write_all(memoryview(self._pending))
+            self._pending = bytearray()
+
+    def _write_all(self, data: memoryview) -> None:
+        fd = self._require_open()
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        while len(data):
+            written = os.write(fd, data)  # short writes happen (signals, pipes, some filesystems)
+            data = data[written:]
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise StorageError(f"{self.path}: write after close")
+        return self._fd
+
+    def close(self) -> None:
+        self._flush()
+        fd = self._require_open()
+        self._fd = None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class LocalReadHandle(ReadHandle):
+    def __init__(self, dir_fd: int, file_name: str, where: str) -> None:
+        self.where = where
+        # O_NOFOLLOW: a symlink could point outside the checkpoint; O_NONBLOCK: opening a FIFO must not hang.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self._fd = os.open(file_name, flags, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"{where}: file is missing") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CorruptCheckpointError(f"{where}: is a symlink; refusing to follow it") from None
+            raise
+        info = os.fstat(self._fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(self._fd)
+            raise CorruptCheckpointError(f"{where}: is not a regular file")
+        self.size = info.st_size
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        view = buffer.cast("B") if buffer.format != "B" or buffer.ndim != 1 else buffer
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {offset + done})")
+            done += got
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class LocalStaging(Staging):
+    def __init__(self, root: str, name: str) -> None:
+        self.root, self.name = root, name
+        self.path = os.path.join(root, f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        os.mkdir(self.path)
+        fsync_dir(root)
+        self._handles: list[LocalWriteHandle] = []
+
+    def create(self, file_name: str) -> WriteHandle:
+        handle = LocalWriteHandle(os.path.join(self.path, file_name))
+        self._handles.append(handle)
+        return handle
+
+    def commit(self, manifest: bytes) -> None:
+        final = os.path.join(self.root, self.name)
+        tmp = LocalWriteHandle(os.path.join(self.path, "manifest.json.tmp"))
+        tmp.write(memoryview(manifest))
+        tmp.close()
+        os.rename(tmp.path, os.path.join(self.path, "manifest.json"))
+        fsync_dir(self.path)
+        if os.path.lexists(final):  # os.rename would silently replace an empty directory
+            raise CheckpointExistsError(f"{final} already exists; a committed checkpoint is never overwritten")
+        os.rename(self.path, final)
+        fsync_dir(self.root)
+
+    def abort(self) -> None:
+        for handle in self._handles:
+            handle.abort()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike[str], create: bool = True) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = self.root
+        if create:
+            os.makedirs(self.root, exist_ok=True)
+        elif not os.path.isdir(self.root):
+            raise CheckpointNotFoundError(f"{self.root}: no such directory")
+
+    def names(self) -> list[str]:
+        try:
+            entries = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(e for e in entries if not e.startswith((STAGING_PREFIX, TRASH_PREFIX)))
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(os.path.join(self.root, name))
+
+    def begin(self, name: str) -> Staging:
+        return LocalStaging(self.root, name)
+
+    def open(self, name: str, file_name: str) -> ReadHandle:
+        where = os.path.join(self.root, name, file_name)
+        try:
+            dir_fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{os.path.join(self.root, name)}: no such checkpoint") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptCheckpointError(f"{os.path.join(self.root, name)}: not a real directory") from None
+            raise
+        try:
+            return LocalReadHandle(dir_fd, file_name, where)
+        finally:
+            os.close(dir_fd)
+
+    def delete(self, name: str) -> None:
+        trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(os.path.join(self.root, name), trash)
+            fsync_dir(self.root)
+            shutil.rmtree(trash)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"could not delete checkpoint {name} in {self.root}: {exc.strerror}") from exc
+
+    def cleanup(self) -> list[str]:
+        removed = []
+        for entry in os.listdir(self.root) if os.path.isdir(self.root) else []:
+            if entry.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+                removed.append(entry)
+        return removed
