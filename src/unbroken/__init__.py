@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints, read_info, verify
 from .checkpoint import __version__
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
                      CorruptCheckpointError, StateMismatchError, StorageError, UnbrokenError,
@@ -22,6 +23,7 @@ from .retention import KeepBest, KeepEvery, KeepLast
 
 __all__ = [
     "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
+    "list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo",
     "KeepLast", "KeepBest", "KeepEvery",
     "UnbrokenError", "CorruptCheckpointError", "UnsupportedFormatError", "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError",

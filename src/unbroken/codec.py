@@ -125,7 +125,8 @@ def _decode_tagged(tag: str, arg: Json, get_tensor: GetTensor, depth: int) -> An
     if tag == "__tensor__":
         return get_tensor(_expect(arg, str, tag))
     if tag == "__ndarray__":
-        return get_tensor(_expect(arg, str, tag)).numpy()
+        tensor = get_tensor(_expect(arg, str, tag))
+        return tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor  # placeholders pass through
     if tag == "__float__":
         name = _expect(arg, str, tag)
         if name not in _NONFINITE:

@@ -1,0 +1,74 @@
+"""Looking at checkpoints without restoring them: list a run, read a manifest, verify every byte."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import decode
+from .errors import CheckpointNotFoundError
+from .format import Manifest
+from .io import read_manifest, verify_checkpoint
+from .records import CheckpointRecord, decode_metrics, record_of, scan
+from .resume import is_checkpoint_dir, split_checkpoint_path
+from .storage import LocalStorage
+
+__all__ = ["list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo"]
+
+
+def is_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True for a checkpoint directory (it holds a manifest), False for a run directory."""
+    return is_checkpoint_dir(path)
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str], verify: bool = False) -> list[CheckpointRecord]:
+    """Every ``step_*`` checkpoint of ``run_dir``, oldest first; ``verify`` checks every checksum."""
+    return scan(LocalStorage(run_dir, create=False), verify=verify)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Stands in for a tensor in :attr:`CheckpointInfo.state`: what it is, without reading its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def __repr__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's manifest, decoded: ``state`` maps each entry to ``(kind, value)`` where every
+    tensor is a :class:`TensorInfo`."""
+
+    manifest: Manifest
+    state: dict[str, tuple[str, Any]]
+    metrics: dict[str, Any]
+
+
+def read_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """The validated, decoded manifest of the checkpoint directory ``path`` (tensor data is not read)."""
+    if not is_checkpoint_dir(path):
+        raise CheckpointNotFoundError(f"{os.path.abspath(os.fspath(path))}: not a checkpoint (no manifest.json)")
+    storage, name = split_checkpoint_path(path)
+    manifest = read_manifest(storage, name)
+
+    def info(tensor: str) -> TensorInfo:
+        entry = manifest.tensors.get(tensor)
+        if entry is None:
+            return TensorInfo(tensor, "MISSING", (), 0)
+        return TensorInfo(tensor, entry.dtype, entry.shape, entry.end - entry.begin)
+
+    state = {key: (str(node.get("kind")), decode(node.get("value"), info)) for key, node in manifest.state.items()
+             if isinstance(node, dict)}
+    return CheckpointInfo(manifest, state, decode_metrics(manifest.metrics))
+
+
+def verify(path: str | os.PathLike[str]) -> CheckpointRecord:
+    """Check every byte of the checkpoint at ``path``; raises :class:`CorruptCheckpointError`."""
+    storage, name = split_checkpoint_path(path)
+    return record_of(storage, name, verify_checkpoint(storage, name))

@@ -1,0 +1,192 @@
+"""The ``unbroken`` command line: ``ls``, ``show`` and ``verify``.  Uses only the public API."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import unbroken
+
+__all__ = ["main"]
+
+_LIST_PREVIEW = 6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (unbroken.CheckpointNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except unbroken.UnbrokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unbroken", description="Inspect and verify unbroken checkpoints.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    ls = sub.add_parser("ls", help="list the checkpoints of a run directory")
+    ls.add_argument("run_dir")
+    ls.add_argument("--verify", action="store_true", help="check every checksum (reads all data)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(run=_ls)
+    show = sub.add_parser("show", help="show a checkpoint's state tree with shapes, dtypes and sizes")
+    show.add_argument("checkpoint")
+    show.add_argument("--values", action="store_true", help="print every non-tensor value in full")
+    show.set_defaults(run=_show)
+    verify = sub.add_parser("verify", help="check every byte of a checkpoint (or of every checkpoint of a run)")
+    verify.add_argument("path")
+    verify.set_defaults(run=_verify)
+    return parser
+
+
+def _ls(args: argparse.Namespace) -> int:
+    records = unbroken.list_checkpoints(args.run_dir, verify=args.verify)
+    if args.json:
+        print(json.dumps([_record_json(r) for r in records], indent=1))
+        return 0 if all(r.valid for r in records) else 1
+    rows = [("STEP", "AGE", "SIZE", "VALID", "METRICS")]
+    for r in records:
+        metrics = " ".join(f"{k}={_number(v)}" for k, v in r.metrics.items())
+        rows.append((str(r.step), _age(r.created), _size(r.size), "yes" if r.valid else "NO", metrics))
+    _print_table(rows)
+    for r in records:
+        if not r.valid:
+            print(f"step {r.step}: {r.problem}", file=sys.stderr)
+    if not records:
+        print(f"(no checkpoints in {args.run_dir})")
+    return 0 if all(r.valid for r in records) else 1
+
+
+def _record_json(r: unbroken.CheckpointRecord) -> dict[str, Any]:
+    return {"step": r.step, "path": r.path, "created": r.created, "size": r.size, "valid": r.valid,
+            "problem": r.problem, "metrics": {k: _number(v) for k, v in r.metrics.items()}}
+
+
+def _show(args: argparse.Namespace) -> int:
+    info = unbroken.read_info(args.checkpoint)
+    m = info.manifest
+    created = datetime.datetime.fromtimestamp(m.created).isoformat(sep=" ", timespec="seconds")
+    print(f"checkpoint {args.checkpoint}")
+    print(f"  step {m.step}, created {created}, {_size(m.total_bytes)} in {len(m.files)} file(s), "
+          f"{len(m.tensors)} tensors, format {m.format_version}, world size {m.world_size}")
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    if info.metrics:
+        print("  metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in info.metrics.items()))
+    if m.metadata is not None:
+        print(f"  metadata: {_clip(json.dumps(m.metadata), args.values)}")
+    for key, (kind, value) in info.state.items():
+        tensors = list(_tensors(value))
+        print(f"{key}  ({kind}, {len(tensors)} tensors, {_size(sum(t.nbytes for t in tensors))})")
+        _show_tree(value, "  ", args.values)
+    return 0
+
+
+def _show_tree(value: Any, indent: str, full: bool) -> None:
+    children = _children(value)
+    if children is None:
+        print(f"{indent}{_leaf(value, full)}")
+        return
+    for key, child in children:
+        if _children(child):
+            print(f"{indent}{key}/")
+            _show_tree(child, indent + "  ", full)
+        else:
+            print(f"{indent}{key}: {_leaf(child, full)}")
+
+
+def _children(value: Any) -> list[tuple[Any, Any]] | None:
+    """Containers holding tensors are expanded; anything else prints as one value."""
+    if isinstance(value, dict) and (value and any(True for _ in _tensors(value)) or len(value) > 1):
+        return list(value.items())
+    if isinstance(value, (list, tuple)) and any(True for _ in _tensors(value)):
+        return list(enumerate(value))
+    return None
+
+
+def _leaf(value: Any, full: bool) -> str:
+    if isinstance(value, unbroken.TensorInfo):
+        return f"{value.dtype} {list(value.shape)}  {_size(value.nbytes)}"
+    if not full and isinstance(value, (list, tuple)) and len(value) > _LIST_PREVIEW:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return _clip(repr(value), full)
+
+
+def _clip(text: str, full: bool) -> str:
+    return text if full or len(text) <= 120 else text[:117] + "..."
+
+
+def _tensors(value: Any) -> Iterator[unbroken.TensorInfo]:
+    if isinstance(value, unbroken.TensorInfo):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    if unbroken.is_checkpoint(args.path):
+        targets = [args.path]
+    else:
+        targets = [r.path for r in unbroken.list_checkpoints(args.path)]
+        if not targets:
+            print(f"no checkpoints in {args.path}", file=sys.stderr)
+            return 1
+    bad = 0
+    for target in targets:
+        try:
+            record = unbroken.verify(target)
+            print(f"OK       {target}  step {record.step}, {_size(record.size)} verified")
+        except (unbroken.CorruptCheckpointError, unbroken.CheckpointNotFoundError) as exc:
+            bad += 1
+            print(f"CORRUPT  {target}: {exc}")
+    print(f"{len(targets) - bad} valid, {bad} corrupt")
+    return 1 if bad else 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value if not isinstance(value, dict) else json.dumps(value)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def _age(created: float | None) -> str:
+    if created is None:
+        return "-"
+    seconds = max(0.0, time.time() - created)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
