@@ -6,11 +6,12 @@ import errno
 import logging
 import os
 import uuid
+import warnings
 from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any
 
-from .checkpoint import build_manifest
+from .checkpoint import build_manifest, load_checkpoint
 from .config import ManagerConfig
 from .errors import CheckpointExistsError, StorageError
 from .format import Manifest
@@ -20,7 +21,6 @@ from .resume import is_checkpoint_dir, restore_newest, restore_step, split_check
 from .retention import Candidate, steps_to_keep
 from .state import capture, check_state_keys
 from .storage import LocalStorage, Storage, step_name
-from .checkpoint import load_checkpoint
 
 __all__ = ["CheckpointManager"]
 
@@ -115,7 +115,15 @@ class CheckpointManager:
         snap = capture(self.state, rng=self.config.capture_rng)
         manifest = build_manifest(snap, step, metrics, self.config.metadata)
         name = step_name(step)
-        committed = self._writer.submit(lambda: write_checkpoint(self.storage, name, snap.tensors, manifest)).result()
+        try:
+            committed = self._writer.submit(lambda: write_checkpoint(self.storage, name, snap.tensors, manifest)
+                                            ).result()
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(exc.errno, f"saving step {step} to {self.storage.url} failed: {exc.strerror or exc}. "
+                               "Earlier checkpoints are intact. Fix: free space or fix the directory, then "
+                               "save again") from exc
         self._saved_steps.add(step)
         self._schedule.saved()
         log.info("saved checkpoint step %d (%d bytes) to %s", step, committed.total_bytes, self.storage.url)
@@ -134,7 +142,9 @@ class CheckpointManager:
                 self.storage.delete(step_name(record.step))
                 log.info("retention: deleted checkpoint step %d", record.step)
             except OSError as exc:  # a failed delete costs disk space, never the run
-                log.warning("retention: could not delete checkpoint step %d: %s", record.step, exc)
+                message = f"retention: could not delete checkpoint step {record.step}: {exc}"
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # -- listing and lifetime -----------------------------------------------------------------------
     def list(self, verify: bool = False) -> list[CheckpointRecord]:
