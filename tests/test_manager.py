@@ -348,3 +348,18 @@ def test_warning_free_normal_run(tmp_path: Path) -> None:
                 train_step(state)
                 ckpt.step(s + 1, metrics={"loss": 1.0 / (s + 1)})
     assert steps_on_disk(tmp_path) == [4, 6]
+
+
+def test_step_over_an_existing_checkpoint_warns_and_keeps_it(tmp_path: Path) -> None:
+    state = make_state()
+    ckpt = CheckpointManager(tmp_path, state, every_steps=2, save_on_close=False)
+    for s in range(1, 5):
+        train_step(state)
+        ckpt.step(s)
+    original = (tmp_path / "step_000000004" / "manifest.json").read_bytes()
+    again = CheckpointManager(tmp_path, make_state(seed=1), every_steps=2, save_on_close=False)
+    assert again.restore(step=2) == 2
+    again.step(3)
+    with pytest.warns(RuntimeWarning, match="step 4 already exists"):
+        assert again.step(4) is False
+    assert (tmp_path / "step_000000004" / "manifest.json").read_bytes() == original

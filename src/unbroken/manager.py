@@ -97,6 +97,15 @@ class CheckpointManager:
         self._last_metrics = dict(metrics or {})
         if step in self._saved_steps or not self._schedule.due(step):
             return False
+        if self.storage.exists(step_name(step)):
+            # Left by an earlier run (e.g. after restore(step=older)): committed checkpoints are never
+            # overwritten, and stopping the training for it would be worse than skipping this save.
+            message = (f"a checkpoint for step {step} already exists in {self.storage.url}; not overwritten "
+                       "(delete it or use a new run directory to keep this run's state)")
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            self._saved_steps.add(step)
+            return False
         self._save(step, self._last_metrics)
         return True
 
