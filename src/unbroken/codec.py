@@ -27,7 +27,7 @@ __all__ = ["Json", "encode", "decode", "MAX_DEPTH"]
 
 Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
 AddTensor = Callable[[str, torch.Tensor], str]
-GetTensor = Callable[[str], torch.Tensor]
+GetTensor = Callable[[str], Any]  # a tensor, or a placeholder when only inspecting
 
 MAX_DEPTH = 64
 _TAG = re.compile(r"^__[a-z]+__$")
@@ -66,8 +66,8 @@ def encode(value: Any, where: str, add_tensor: AddTensor, depth: int = 0) -> Jso
     if isinstance(value, Mapping):
         return _encode_mapping(value, where, add_tensor, depth)
     raise UnserializableStateError(
-        f"state entry {where!r}: a value of type {type(value).__module__}.{type(value).__qualname__} is neither a tensor nor "
-        "a JSON-able value (None, bool, int, float, str, list, tuple, dict, NumPy array/scalar). "
+        f"state entry {where!r}: a value of type {type(value).__module__}.{type(value).__qualname__} is "
+        "neither a tensor nor a JSON-able value (None, bool, int, float, str, list, tuple, dict, NumPy array/scalar). "
         "Fix: convert it (e.g. a dataclass with dataclasses.asdict, a function to its name), or give the "
         "object state_dict()/load_state_dict() methods that return and accept such values."
     )
@@ -93,7 +93,7 @@ def _encode_mapping(value: Mapping[Any, Any], where: str, add_tensor: AddTensor,
     plain = all(isinstance(k, str) and not _TAG.match(k) for k in value)
     if plain:
         return {k: encode(v, f"{where}/{k}", add_tensor, depth + 1) for k, v in value.items()}
-    items = []
+    items: list[Json] = []
     for k, v in value.items():
         key = encode(k, f"{where} (key {k!r})", _no_tensor_keys, depth + 1)
         items.append([key, encode(v, f"{where}/{k}", add_tensor, depth + 1)])

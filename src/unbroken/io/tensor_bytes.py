@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import UnserializableStateError
@@ -26,4 +28,5 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor's memory (no copy)."""
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    flat: Any = tensor.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(flat)

@@ -32,7 +32,7 @@ def unwrap_module(module: nn.Module) -> nn.Module:
         if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             module = module.module
         elif type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
+            module = module._orig_mod  # type: ignore[assignment]
         else:
             return module
 

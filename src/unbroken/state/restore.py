@@ -56,7 +56,8 @@ def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensor
 def _decode_entry(key: str, node: Json, tensors: dict[str, torch.Tensor]) -> _Entry:
     def get_tensor(name: str) -> torch.Tensor:
         if name not in tensors:
-            raise CorruptCheckpointError(f"state entry {key!r} refers to tensor {name!r}, which is not in the checkpoint")
+            raise CorruptCheckpointError(
+                f"state entry {key!r} refers to tensor {name!r}, which is not in the checkpoint")
         return tensors[name]
 
     if not isinstance(node, dict) or "value" not in node:
@@ -148,7 +149,7 @@ def _to_live_devices(saved: Any, current: Any) -> Any:
     if isinstance(saved, dict) and isinstance(current, dict):
         return {k: _to_live_devices(v, current.get(k)) for k, v in saved.items()}
     if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current):
-        return type(saved)(_to_live_devices(s, c) for s, c in zip(saved, current))
+        return type(saved)(_to_live_devices(s, c) for s, c in zip(saved, current, strict=True))
     return saved
 
 
