@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints, read_info, verify
 from .checkpoint import __version__
+from .data import DataLoader, ResumableSampler
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
                      CorruptCheckpointError, StateMismatchError, StorageError, UnbrokenError,
                      UnserializableStateError, UnsupportedFormatError)
@@ -24,7 +25,7 @@ from .retention import KeepBest, KeepEvery, KeepLast
 __all__ = [
     "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
     "list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo",
-    "KeepLast", "KeepBest", "KeepEvery",
+    "KeepLast", "KeepBest", "KeepEvery", "DataLoader", "ResumableSampler",
     "UnbrokenError", "CorruptCheckpointError", "UnsupportedFormatError", "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError",
     "CheckpointSkippedWarning",

@@ -13,6 +13,7 @@ from typing import Any
 
 from .checkpoint import build_manifest, load_checkpoint
 from .config import ManagerConfig
+from .data import make_resumable, needs_adoption
 from .errors import CheckpointExistsError, StorageError
 from .format import Manifest
 from .io import SyncWriter, Writer, write_checkpoint
@@ -45,6 +46,9 @@ class CheckpointManager:
                                     keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                                     keep_every=keep_every, save_on_close=save_on_close, strict=strict,
                                     capture_rng=capture_rng, metadata=metadata)
+        for value in state.values():
+            if needs_adoption(value):
+                make_resumable(value)  # in place: the caller's loader object now resumes exactly
         check_state_keys(state)
         self.state = state
         self.storage: Storage = _open_run_directory(directory)

@@ -10,6 +10,7 @@ import torch
 
 from ..codec import Json, encode
 from ..errors import UnserializableStateError
+from ..data import needs_adoption
 from .objects import RESERVED_PREFIX, Kind, classify, unwrap_module
 from .rng import capture_rng
 
@@ -46,6 +47,11 @@ def check_state_keys(state: Mapping[str, Any]) -> None:
 
 
 def _kind_of(key: str, value: Any) -> Kind:
+    if needs_adoption(value):
+        raise UnserializableStateError(
+            f"state entry {key!r}: a plain torch DataLoader has no position to save. Fix: register it in a "
+            "CheckpointManager's state before iterating (it is made resumable in place), or use "
+            "unbroken.DataLoader")
     try:
         return classify(value)
     except TypeError:

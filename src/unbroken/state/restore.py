@@ -83,6 +83,10 @@ def _find_problems(live: MutableMapping[str, Any], entries: dict[str, _Entry]) -
             problems += _module_problems(key, unwrap_module(live[key]).state_dict(), entry)
         elif kind is Kind.OPTIMIZER:
             problems += _optimizer_problems(key, live[key].state_dict(), entry)
+        elif callable(getattr(live[key], "check_state_dict", None)):  # e.g. a loader's dataset size
+            found = [f"{key!r}: {p}" for p in live[key].check_state_dict(entry.value)]
+            entry.skip = {"*"} if found else None
+            problems += found
     return problems
 
 

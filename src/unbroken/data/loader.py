@@ -1,0 +1,253 @@
+"""``unbroken.DataLoader``: a drop-in ``torch.utils.data.DataLoader`` whose position and worker
+randomness resume exactly.
+
+* The order of an epoch is a pure function of ``(seed, epoch)`` (:class:`ResumableSampler`), so a
+  resume regenerates it and starts at the saved position without loading a single skipped sample.
+* The position counts batches handed to the training loop, not batches prefetched by workers.
+* Each sample's Python/NumPy/torch RNGs are seeded from ``(seed, epoch, rank, position)``
+  (:class:`SeededDataset`), so augmentations reproduce with any number of workers.
+* The loader draws worker base seeds from its own generator, never from the global torch RNG, so
+  creating an iterator mid-epoch on resume does not shift the training loop's random stream.
+
+A plain torch ``DataLoader`` registered in a manager's state is converted in place by
+:func:`make_resumable` (same object, same attributes).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader as TorchDataLoader
+
+from ..errors import StateMismatchError, UnserializableStateError
+from .sampler import EpochCursor, ResumableSampler, layout_problems
+from .seeding import SeededDataset, sample_seed
+
+__all__ = ["DataLoader", "make_resumable", "needs_adoption"]
+
+_BATCH_STRIDE = 1 << 24  # position of sample j of batch b under a custom batch sampler: b * stride + j
+
+
+class DataLoader(TorchDataLoader):  # type: ignore[type-arg]
+    """Same arguments as ``torch.utils.data.DataLoader``, plus ``seed`` (default: drawn from torch's
+    global RNG) and ``seed_samples`` (seed worker RNGs per sample; default True)."""
+
+    def __init__(self, dataset: Any, batch_size: int | None = 1, shuffle: bool | None = None,
+                 sampler: Sampler[Any] | None = None, batch_sampler: Sampler[Any] | None = None,
+                 num_workers: int = 0, collate_fn: Callable[..., Any] | None = None, pin_memory: bool = False,
+                 drop_last: bool = False, timeout: float = 0, worker_init_fn: Callable[[int], None] | None = None,
+                 multiprocessing_context: Any = None, generator: torch.Generator | None = None, *,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False, pin_memory_device: str = "",
+                 in_order: bool = True, seed: int | None = None, seed_samples: bool = True) -> None:
+        iterable = isinstance(dataset, IterableDataset)
+        if not iterable and sampler is None and batch_sampler is None:
+            sampler = ResumableSampler(dataset, shuffle=bool(shuffle), seed=seed)
+            shuffle = None
+        elif isinstance(sampler, (RandomSampler, SequentialSampler)):
+            sampler = _convert(sampler, seed)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        wrapped = SeededDataset(dataset) if seed_samples and not iterable else dataset
+        super().__init__(wrapped, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                         batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
+                         pin_memory=pin_memory, drop_last=drop_last, timeout=timeout,
+                         worker_init_fn=worker_init_fn, multiprocessing_context=multiprocessing_context,
+                         generator=generator, prefetch_factor=prefetch_factor,
+                         persistent_workers=persistent_workers, pin_memory_device=pin_memory_device,
+                         in_order=in_order)
+        self._setup_resume()
+
+    def _setup_resume(self) -> None:
+        if isinstance(self.dataset, IterableDataset):
+            raise UnserializableStateError(
+                "an IterableDataset's position lives in the dataset: give it state_dict()/load_state_dict() "
+                "and use torchdata's StatefulDataLoader, which checkpoints each worker's dataset state")
+        self.cursor = EpochCursor()
+        self._plan = (0, 0)
+        self._indices = _EpochIndices(self)
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.owner = self
+
+    # -- iteration ------------------------------------------------------------------------------------
+    @property
+    def _index_sampler(self) -> Any:
+        return self._indices
+
+    def __iter__(self) -> Any:
+        self._plan = self.cursor.advance()
+        return _Consumed(super().__iter__(), self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at ``epoch`` (like ``DistributedSampler.set_epoch``)."""
+        self.cursor.request(epoch)
+
+    @property
+    def base_dataset(self) -> Any:
+        """The user's dataset (``self.dataset`` may be the per-sample seeding wrapper)."""
+        return self.dataset.dataset if isinstance(self.dataset, SeededDataset) else self.dataset
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"cursor": self.cursor.state(), "layout": self._layout(), "sampler": _sampler_state(self.sampler)}
+
+    def _layout(self) -> dict[str, Any]:
+        layout: dict[str, Any] = {"batch_size": self.batch_size, "drop_last": self.drop_last,
+                                  "batches_per_epoch": len(self)}
+        if isinstance(self.sampler, ResumableSampler):
+            layout.update(self.sampler.layout())
+        else:
+            layout["sampler"] = type(self.sampler).__qualname__
+            layout["dataset_len"] = len(self.base_dataset)
+        return layout
+
+    def check_state_dict(self, state: Any) -> list[str]:
+        if not (isinstance(state, dict) and {"cursor", "layout", "sampler"} <= state.keys()):
+            return ["the saved loader state is not from unbroken.DataLoader"]
+        return layout_problems(self._layout(), state["layout"])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        problems = self.check_state_dict(state)
+        if problems:
+            raise StateMismatchError("cannot resume the DataLoader: " + "; ".join(problems))
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.seed = int(state["sampler"]["seed"])
+        elif state["sampler"].get("epoch") is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(state["sampler"]["epoch"])
+        self.cursor.load(state["cursor"])
+
+
+class _Consumed:
+    """Counts the batches the training loop actually received (prefetched ones do not count)."""
+
+    def __init__(self, inner: Iterator[Any], loader: DataLoader) -> None:
+        self.inner, self.loader = inner, loader
+
+    def __iter__(self) -> _Consumed:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            batch = next(self.inner)
+        except StopIteration:
+            self.loader.cursor.finished = True
+            raise
+        self.loader.cursor.position += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class _EpochIndices:
+    """What the DataLoader iterator draws indices from: the current epoch, from the resume point,
+    tagged with per-sample seeds.  Iterating it twice yields the same thing (torch may do that)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        loader = self.loader
+        return len(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self.loader
+        epoch, skip = loader._plan
+        seeded = isinstance(loader.dataset, SeededDataset)
+        seed = loader.sampler.seed if isinstance(loader.sampler, ResumableSampler) else 0
+        rank = getattr(loader.sampler, "rank", 0)
+
+        def tag(position: int, index: int) -> Any:
+            return (index, sample_seed(seed, epoch, rank, position)) if seeded else index
+
+        batch_sampler = loader.batch_sampler
+        if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+            for b, batch in enumerate(itertools.islice(iter(batch_sampler), skip, None), start=skip):
+                yield [tag(b * _BATCH_STRIDE + j, i) for j, i in enumerate(batch)]
+            return
+        per_batch = batch_sampler.batch_size if batch_sampler is not None else 1
+        tagged = (tag(p, i) for p, i in _positions(loader.sampler, epoch, skip * per_batch))
+        if batch_sampler is None:
+            yield from tagged
+            return
+        yield from _batches(tagged, per_batch, batch_sampler.drop_last)
+
+
+def _positions(sampler: Any, epoch: int, start: int) -> Iterator[tuple[int, int]]:
+    if isinstance(sampler, ResumableSampler):
+        sampler.cursor.epoch = epoch
+        return sampler.iter_positions(epoch, start)
+    # A foreign sampler (DistributedSampler, a custom one): its order is its own; skip by slicing.
+    return enumerate(itertools.islice(iter(sampler), start, None), start=start)
+
+
+def _batches(items: Iterator[Any], size: int, drop_last: bool) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch and not drop_last:
+        yield batch
+
+
+def _sampler_state(sampler: Any) -> dict[str, Any]:
+    if isinstance(sampler, ResumableSampler):
+        return {"seed": sampler.seed}
+    epoch = getattr(sampler, "epoch", None)
+    return {"epoch": epoch if isinstance(epoch, int) else None}
+
+
+def _convert(sampler: Sampler[Any], seed: int | None) -> Sampler[Any]:
+    """torch's default samplers → a resumable equivalent (same indices, a reproducible order)."""
+    if isinstance(sampler, SequentialSampler):
+        return ResumableSampler(len(sampler), shuffle=False, seed=0)  # type: ignore[arg-type]
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None:
+        if seed is None and sampler.generator is not None:
+            seed = int(torch.empty((), dtype=torch.int64).random_(generator=sampler.generator).item())
+        return ResumableSampler(len(sampler.data_source), shuffle=True, seed=seed)  # type: ignore[arg-type]
+    return sampler
+
+
+def needs_adoption(value: Any) -> bool:
+    """A plain torch DataLoader (no state_dict of its own) that :func:`make_resumable` can convert."""
+    return isinstance(value, TorchDataLoader) and not callable(getattr(value, "state_dict", None))
+
+
+def make_resumable(loader: TorchDataLoader) -> DataLoader:  # type: ignore[type-arg]
+    """Turn a plain torch DataLoader into an :class:`unbroken.DataLoader` in place, before it is iterated.
+
+    Its default sampler becomes a :class:`ResumableSampler` (a foreign sampler is kept and skipped
+    by slicing), its dataset is wrapped for per-sample seeding, and it gets its own generator.
+    """
+    if isinstance(loader, DataLoader):
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        raise UnserializableStateError(
+            "a plain DataLoader over an IterableDataset cannot be resumed exactly: its position lives in "
+            "the dataset's workers. Fix: use torchdata's StatefulDataLoader (with a dataset that has "
+            "state_dict()/load_state_dict()) and register that instead")
+    if getattr(loader, "_iterator", None) is not None:
+        raise ValueError("register the DataLoader before iterating it (its workers already run)")
+    sampler = _convert(loader.sampler, None)
+    batch_sampler = loader.batch_sampler
+    if type(batch_sampler) is BatchSampler:
+        batch_sampler = BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)
+    # DataLoader forbids re-assigning these after __init__ (to protect iterators in flight); no
+    # iterator exists yet, so the conversion is safe.
+    for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler),
+                        ("dataset", SeededDataset(loader.dataset))):
+        object.__setattr__(loader, name, value)
+    if loader.generator is None:
+        loader.generator = torch.Generator().manual_seed(0)
+    loader.__class__ = DataLoader
+    converted: DataLoader = loader  # type: ignore[assignment]
+    converted._setup_resume()
+    return converted
