@@ -35,10 +35,10 @@ class RunOutput:
     """What one process printed: the resume point and the loss line of every completed step."""
 
     returncode: int
-    stdout: str
-    stderr: str
+    stdout: str = field(repr=False)
+    stderr: str = field(repr=False)
     resumed_from: int | None = None
-    losses: dict[int, str] = field(default_factory=dict)
+    losses: dict[int, str] = field(default_factory=dict, repr=False)
 
     @property
     def last_step(self) -> int | None:

@@ -24,10 +24,15 @@ from .harness import (
 
 STEPS = 40
 SAVE_INTERVAL = 5
+KEEP_LAST = 3
 TIMEOUT_S = 60  # per process; each one normally takes 2-3 s
 EXAMPLES = ["plain_loop", "consistency_distill", "gpt_pretrain"]
 KILL_SEEDS = [int(s) for s in os.environ.get("UNBROKEN_KILL_SEEDS", "1").split(",") if s.strip()]
 DOUBLE_KILL_SEEDS = [s + 100 for s in KILL_SEEDS]
+
+
+def command(example: str, run_dir) -> list[str]:
+    return example_command(example, run_dir, STEPS, SAVE_INTERVAL, "--keep-last", str(KEEP_LAST))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,7 @@ def reference(tmp_path_factory):
     def get(example: str) -> tuple:
         if example not in cache:
             run_dir = tmp_path_factory.mktemp(f"{example}-reference")
-            out = run_to_end(example_command(example, run_dir, STEPS, SAVE_INTERVAL), TIMEOUT_S)
+            out = run_to_end(command(example, run_dir), TIMEOUT_S)
             assert out.resumed_from == 0, out.describe()
             assert sorted(out.losses) == list(range(1, STEPS + 1)), out.describe()
             assert (checkpoint_dir(run_dir, STEPS) / "manifest.json").is_file(), (
@@ -76,6 +81,11 @@ def check_final_checkpoints(plan: KillPlan, ref_dir, run_dir) -> None:
     assert not diffs, (f"{plan}: final checkpoints differ ({compared} tensors compared):\n"
                        + "\n".join(diffs[:40]))
     assert compared > 0
+    # Abandoned staging directories of killed saves are cleaned up, and retention held.
+    entries = sorted(os.listdir(run_dir))
+    assert not [e for e in entries if e.startswith(".staging")], f"{plan}: leftovers {entries}"
+    committed = [e for e in entries if e.startswith("step_")]
+    assert len(committed) <= KEEP_LAST, f"{plan}: keep_last={KEEP_LAST} but {committed}"
 
 
 @pytest.mark.parametrize("seed", KILL_SEEDS, ids=lambda s: f"killseed{s}")
@@ -83,7 +93,7 @@ def check_final_checkpoints(plan: KillPlan, ref_dir, run_dir) -> None:
 def test_kill_once_then_resume_is_bit_exact(example, seed, reference, tmp_path):
     ref_dir, ref = reference(example)
     plan = KillPlan.make(seed, STEPS, SAVE_INTERVAL, kills=1)
-    cmd = example_command(example, tmp_path / "run", STEPS, SAVE_INTERVAL)
+    cmd = command(example, tmp_path / "run")
 
     killed = run_and_kill(cmd, plan.steps[0], plan.delays_ms[0] / 1000, TIMEOUT_S)
     check_killed(plan, ref, killed, "killed run")
@@ -97,7 +107,7 @@ def test_kill_once_then_resume_is_bit_exact(example, seed, reference, tmp_path):
 def test_kill_twice_then_resume_is_bit_exact(example, seed, reference, tmp_path):
     ref_dir, ref = reference(example)
     plan = KillPlan.make(seed, STEPS, SAVE_INTERVAL, kills=2)
-    cmd = example_command(example, tmp_path / "run", STEPS, SAVE_INTERVAL)
+    cmd = command(example, tmp_path / "run")
 
     first = run_and_kill(cmd, plan.steps[0], plan.delays_ms[0] / 1000, TIMEOUT_S)
     check_killed(plan, ref, first, "first killed run")
