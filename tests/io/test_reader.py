@@ -290,3 +290,57 @@ def test_verify_finds_a_flipped_bit(saved: Path) -> None:
     _flip_bit(saved / TENSOR_FILE, size - 1, 0)
     with pytest.raises(CorruptCheckpointError, match="checksum"):
         verify_checkpoint(LocalStorage(saved.parent, create=False), saved.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# crafted state trees: refused as corrupt before anything is loaded
+# ---------------------------------------------------------------------------------------------
+
+def _craft_state(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    doc = json.loads((path / MANIFEST_NAME).read_bytes())
+    edit(doc["state"])
+    (path / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+
+
+def _assert_refused_untouched(path: Path, make_state: Callable[..., dict[str, Any]]) -> None:
+    state = make_state(1, trained=False)
+    before = _live_snapshot(state)
+    try:
+        with pytest.raises(CorruptCheckpointError):
+            unbroken.load(path, state)
+    finally:
+        assert_exactly_equal(_live_snapshot(state), before)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s.__setitem__("model", []),
+    lambda s: s["model"].__setitem__("kind", "pickle"),
+    lambda s: s["model"].__setitem__("kind", []),
+    lambda s: s["model"].pop("value"),
+    lambda s: s["model"].__setitem__("value", {"__evil__": 1}),
+], ids=["entry-not-object", "unknown-kind", "kind-unhashable", "no-value", "unknown-tag"])
+def test_crafted_state_entries_are_corrupt(saved: Path, make_state: Callable[..., dict[str, Any]],
+                                           edit: Callable[[dict[str, Any]], None]) -> None:
+    _craft_state(saved, edit)
+    _assert_refused_untouched(saved, make_state)
+
+
+@pytest.mark.xfail(reason="BUG: state/restore.py does not validate decoded values before applying them: a crafted "
+                          "module value that is not a dict of tensors, optimizer state that is not a dict, or "
+                          "malformed RNG streams raise AttributeError/RuntimeError/ValueError instead of "
+                          "CorruptCheckpointError, some after other objects (or all of them) were already "
+                          "loaded", strict=True)
+@pytest.mark.parametrize("edit", [
+    lambda s: s["model"].__setitem__("value", [1, 2]),                       # AttributeError, before loading
+    lambda s: s["model"]["value"].__setitem__("3.bias", 5),                  # RuntimeError, model half-loaded
+    lambda s: s["model"].__setitem__("meta", [1]),                           # AttributeError
+    lambda s: s["optimizer"]["value"].__setitem__("param_groups", [1]),      # AttributeError
+    lambda s: s["optimizer"]["value"].__setitem__("state", [1]),             # AttributeError after the model
+    lambda s: s["unbroken.rng"].__setitem__("value", {"python": "x"}),       # ValueError after everything
+    lambda s: s["unbroken.rng"]["value"].__setitem__("numpy", [1]),          # ValueError after everything
+], ids=["module-value-list", "module-non-tensor", "module-meta-list", "optimizer-groups-int",
+        "optimizer-state-list", "rng-python-bad", "rng-numpy-bad"])
+def test_crafted_state_values_are_corrupt_and_nothing_is_loaded(
+        saved: Path, make_state: Callable[..., dict[str, Any]], edit: Callable[[dict[str, Any]], None]) -> None:
+    _craft_state(saved, edit)
+    _assert_refused_untouched(saved, make_state)
