@@ -30,6 +30,7 @@ import argparse
 import copy
 import math
 import random
+import sys
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ def main(argv=None) -> None:
     opt = torch.optim.RAdam(model.parameters(), lr=args.lr, weight_decay=0.0)
 
     hparams = {k: v for k, v in vars(args).items() if k != "run_dir"}  # the path is not a hparam
-    state = {"model": model, "target_model": target_model, "optimizer": opt, "args": hparams}
+    state = {"model": model, "target_model": target_model, "optimizer": opt, "args": dict(hparams)}
     state.update({f"ema_{rate}": ema for rate, ema in emas.items()})
     state["epoch"] = 0
 
@@ -185,6 +186,12 @@ def main(argv=None) -> None:
     with ckpt:
         start = ckpt.restore()
         print(f"resumed from step {start}", flush=True)
+        if state["args"] != hparams:  # e.g. relaunched with more --steps: say so, save the new ones
+            old = state["args"]
+            changed = sorted(k for k in old.keys() | hparams.keys() if old.get(k) != hparams.get(k))
+            print("note: arguments changed since the checkpoint: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {hparams.get(k)!r}" for k in changed), file=sys.stderr)
+            state["args"] = dict(hparams)
         assert state["epoch"] == start // steps_per_epoch, (state["epoch"], start)
 
         order, order_epoch = None, None

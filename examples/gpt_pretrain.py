@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 
 import numpy as np
 import torch
@@ -164,7 +165,7 @@ def main(argv=None) -> None:
 
     hparams = {k: v for k, v in vars(args).items() if k != "run_dir"}  # the path is not a hparam
     state = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler,
-             "epoch": 0, "args": hparams}
+             "epoch": 0, "args": dict(hparams)}
 
     ckpt = unbroken.CheckpointManager(
         args.run_dir, state=state, every_steps=args.save_interval, keep_last=args.keep_last,
@@ -173,8 +174,12 @@ def main(argv=None) -> None:
     with ckpt:
         start = ckpt.restore()
         print(f"resumed from step {start}", flush=True)
-        if state["args"] != hparams:
-            print(f"warning: checkpoint was written with other arguments: {state['args']}", flush=True)
+        if state["args"] != hparams:  # e.g. relaunched with more --steps: say so, save the new ones
+            old = state["args"]
+            changed = sorted(k for k in old.keys() | hparams.keys() if old.get(k) != hparams.get(k))
+            print("note: arguments changed since the checkpoint: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {hparams.get(k)!r}" for k in changed), file=sys.stderr)
+            state["args"] = dict(hparams)
         assert state["epoch"] == start * args.accumulation_steps // micro_per_epoch, (state["epoch"], start)
 
         model.train()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 
 import numpy as np
 import torch
@@ -88,9 +89,10 @@ def main(argv=None) -> None:
 
     # Hyper-parameters go into the state as a plain dict. The run directory is left out on
     # purpose: it is where the run lives, not what it computes, so two copies of the same run in
-    # different directories hold identical checkpoints.
+    # different directories hold identical checkpoints. A copy goes into `state`: restore() updates
+    # a saved dict in place, and `hparams` must keep what this command line asked for.
     hparams = {k: v for k, v in vars(args).items() if k != "run_dir"}
-    state = {"model": model, "optimizer": opt, "scheduler": sched, "epoch": 0, "args": hparams}
+    state = {"model": model, "optimizer": opt, "scheduler": sched, "epoch": 0, "args": dict(hparams)}
 
     ckpt = unbroken.CheckpointManager(
         args.run_dir, state=state, every_steps=args.save_interval, keep_last=args.keep_last,
@@ -99,8 +101,12 @@ def main(argv=None) -> None:
     with ckpt:
         start = ckpt.restore()
         print(f"resumed from step {start}", flush=True)
-        if state["args"] != hparams:
-            print(f"warning: checkpoint was written with other arguments: {state['args']}", flush=True)
+        if state["args"] != hparams:  # e.g. relaunched with more --steps: say so, save the new ones
+            old = state["args"]
+            changed = sorted(k for k in old.keys() | hparams.keys() if old.get(k) != hparams.get(k))
+            print("note: arguments changed since the checkpoint: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {hparams.get(k)!r}" for k in changed), file=sys.stderr)
+            state["args"] = dict(hparams)
         # The plain value came back from the checkpoint and must agree with the step.
         assert state["epoch"] == start // steps_per_epoch, (state["epoch"], start)
 
