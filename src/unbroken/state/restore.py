@@ -7,7 +7,6 @@ any ``load_state_dict`` that might draw random numbers.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections import OrderedDict
 from collections.abc import MutableMapping
@@ -158,16 +157,7 @@ def _to_live_devices(saved: Any, current: Any) -> Any:
 
 
 def _assign_value(target: Any, value: Any) -> Any:
-    """Plain values update in place where possible, so references the user holds see the restore."""
-    if isinstance(target, argparse.Namespace) and isinstance(value, argparse.Namespace):
-        vars(target).clear()
-        vars(target).update(vars(value))
-        return target
-    if type(target) is dict and type(value) is dict:
-        target.clear()
-        target.update(value)
-        return target
-    if type(target) is list and type(value) is list:
-        target[:] = value
-        return target
+    """Plain values are replaced in the state dict, never mutated in place: an ``args`` namespace or
+    config dict the user also holds keeps what the command line said, and ``state[key]`` holds
+    what the checkpoint said."""
     return value
