@@ -30,6 +30,8 @@ AddTensor = Callable[[str, torch.Tensor], str]
 GetTensor = Callable[[str], Any]  # a tensor, or a placeholder when only inspecting
 
 MAX_DEPTH = 64
+_INT64 = 2**63
+_MAX_INT_HEX = 1 << 20  # a crafted "__int__" must not make decoding slow
 _TAG = re.compile(r"^__[a-z]+__$")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
@@ -42,9 +44,14 @@ def encode(value: Any, where: str, add_tensor: AddTensor, depth: int = 0) -> Jso
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, np.generic):  # before int/float: np.float64 subclasses float
+        if value.dtype.kind not in "biuf":
+            raise UnserializableStateError(
+                f"state entry {where!r}: NumPy scalar of dtype {value.dtype} cannot be stored exactly. "
+                "Fix: convert it to a Python value (.item()) or a number.")
         return {"__npscalar__": [value.dtype.str, encode(value.item(), where, add_tensor, depth + 1)]}
     if isinstance(value, int):
-        return int(value)
+        value = int(value)
+        return value if -_INT64 <= value < _INT64 else {"__int__": hex(value)}
     if isinstance(value, float):
         return float(value) if math.isfinite(value) else {"__float__": _nonfinite_name(value)}
     if isinstance(value, torch.Tensor):
@@ -85,7 +92,15 @@ def _encode_ndarray(value: np.ndarray, where: str, add_tensor: AddTensor) -> Jso
             f"state entry {where!r}: NumPy array of dtype {value.dtype} cannot be stored without pickle. "
             "Fix: use a numeric dtype."
         )
-    tensor = torch.from_numpy(np.ascontiguousarray(value))
+    # np.ascontiguousarray would turn a 0-d array into shape (1,); a 0-d array is always contiguous.
+    array = value if value.flags["C_CONTIGUOUS"] else value.copy(order="C")
+    try:
+        tensor = torch.from_numpy(array)
+    except (TypeError, ValueError) as exc:
+        raise UnserializableStateError(
+            f"state entry {where!r}: NumPy array of dtype {value.dtype} has no torch equivalent ({exc}). "
+            "Fix: convert it, e.g. arr.astype(arr.dtype.newbyteorder('=')) or arr.astype(np.float64)."
+        ) from None
     return {"__ndarray__": add_tensor(where, tensor)}
 
 
@@ -122,11 +137,28 @@ def decode(node: Json, get_tensor: GetTensor, depth: int = 0) -> Any:
 
 
 def _decode_tagged(tag: str, arg: Json, get_tensor: GetTensor, depth: int) -> Any:
+    try:
+        return _decode_tag(tag, arg, get_tensor, depth)
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, TypeError, OverflowError, AttributeError) as exc:  # crafted tag arguments
+        raise CorruptCheckpointError(f"malformed {tag} in state tree ({type(exc).__name__}: {exc})") from None
+
+
+def _decode_tag(tag: str, arg: Json, get_tensor: GetTensor, depth: int) -> Any:
     if tag == "__tensor__":
         return get_tensor(_expect(arg, str, tag))
     if tag == "__ndarray__":
         tensor = get_tensor(_expect(arg, str, tag))
         return tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor  # placeholders pass through
+    if tag == "__int__":
+        text = _expect(arg, str, tag)
+        try:
+            if len(text) > _MAX_INT_HEX:
+                raise ValueError
+            return int(text, 16)
+        except ValueError:
+            raise CorruptCheckpointError("malformed __int__ in state tree") from None
     if tag == "__float__":
         name = _expect(arg, str, tag)
         if name not in _NONFINITE:
@@ -174,8 +206,10 @@ def _decode_npscalar(dtype: Any, value: Any) -> Any:
         np_dtype = np.dtype(dtype)
     except TypeError as exc:
         raise CorruptCheckpointError(f"invalid NumPy scalar dtype {dtype!r}") from exc
-    if np_dtype.kind not in "biufc":
+    if np_dtype.kind not in "biuf":
         raise CorruptCheckpointError(f"NumPy scalar dtype {dtype!r} is not numeric")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) != (np_dtype.kind == "b"):
+        raise CorruptCheckpointError(f"NumPy scalar of dtype {dtype!r} holds a {type(value).__name__}")
     return np_dtype.type(value)
 
 

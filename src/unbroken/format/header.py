@@ -74,7 +74,7 @@ def parse_header(body: bytes, file_size: int, where: str) -> list[TensorSpan]:
     """Parse and validate a JSON header (without its prefix) of a file of ``file_size`` bytes."""
     try:
         table = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, >4300-digit ints
         raise CorruptCheckpointError(f"{where}: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(table, dict):
         raise CorruptCheckpointError(f"{where}: header is not a JSON object")
@@ -88,7 +88,7 @@ def _parse_entry(name: str, entry: object, start: int, where: str) -> TensorSpan
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"{where}: header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in NAME_TO_DTYPE:
+    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape)):
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")

@@ -24,6 +24,7 @@ FORMAT_VERSION = "1.0"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 CHECKSUM = "crc32c"
+_VERSION = re.compile(r"^([0-9]{1,6})\.([0-9]{1,6})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
@@ -108,7 +109,8 @@ def _parse(doc: Any, where: str) -> Manifest:
     files = {check_file_name(n, where): _file_entry(e, n, where) for n, e in _get(doc, "files", dict, where).items()}
     tensors = {n: _tensor_entry(e, n, files, where) for n, e in _get(doc, "tensors", dict, where).items()}
     created = _get(doc, "created", (int, float), where)
-    if not math.isfinite(created):
+    if not (isinstance(created, float) and math.isfinite(created)) and not (isinstance(created, int)
+                                                                        and abs(created) < 2**53):
         raise CorruptCheckpointError(f"{where}: 'created' is not a finite time")
     metrics = doc.get("metrics", {})
     if not isinstance(metrics, dict):
@@ -123,10 +125,10 @@ def _parse(doc: Any, where: str) -> Manifest:
 
 
 def _check_version(version: Any, where: str) -> None:
-    major = version.split(".")[0] if isinstance(version, str) else ""
-    if not major.isdigit():
-        raise CorruptCheckpointError(f"{where}: invalid format_version {version!r}")
-    if int(major) != int(FORMAT_VERSION.split(".")[0]):
+    match = _VERSION.match(version) if isinstance(version, str) else None
+    if match is None:
+        raise CorruptCheckpointError(f"{where}: invalid format_version {version!r} (expected MAJOR.MINOR)")
+    if int(match.group(1)) != int(FORMAT_VERSION.split(".")[0]):
         raise UnsupportedFormatError(
             f"{where}: format version {version} is not supported by this unbroken (reads {FORMAT_VERSION}); "
             "upgrade unbroken to read it"
@@ -157,9 +159,9 @@ def _tensor_entry(entry: Any, name: str, files: dict[str, FileEntry], where: str
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"{where}: tensor entry {name!r} is not an object")
     file, dtype, shape, offsets = entry.get("file"), entry.get("dtype"), entry.get("shape"), entry.get("offsets")
-    if file not in files:
+    if not isinstance(file, str) or file not in files:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} refers to unlisted file {file!r}")
-    if dtype not in NAME_TO_DTYPE:
+    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed shape or offsets")

@@ -19,7 +19,7 @@ from ..codec import Json, decode
 from ..errors import CorruptCheckpointError, StateMismatchError
 from .capture import RNG_KEY, check_state_keys
 from .objects import Kind, classify, unwrap_module
-from .rng import restore_rng
+from .rng import restore_rng, validate_rng
 
 __all__ = ["restore_state"]
 
@@ -37,6 +37,10 @@ def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensor
     check_state_keys(live)
     entries = {key: _decode_entry(key, node, tensors) for key, node in saved.items()}
     rng_entry = entries.pop(RNG_KEY, None)
+    if rng and rng_entry is not None:
+        validate_rng(rng_entry.value)
+    for key, entry in entries.items():
+        _check_shape_of_saved(key, entry)
     problems = _find_problems(live, entries)
     if problems and strict:
         raise StateMismatchError(
@@ -68,6 +72,23 @@ def _decode_entry(key: str, node: Json, tensors: dict[str, torch.Tensor]) -> _En
     return _Entry(kind, decode(node["value"], get_tensor), decode(node.get("meta"), get_tensor))
 
 
+def _check_shape_of_saved(key: str, entry: _Entry) -> None:
+    """A crafted or foreign tree must fail here, before anything is loaded."""
+    value = entry.value
+    if entry.kind is Kind.MODULE:
+        if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+            raise CorruptCheckpointError(f"state entry {key!r}: a module's state must be a dict with str keys")
+        if entry.meta is not None and not isinstance(entry.meta, dict):
+            raise CorruptCheckpointError(f"state entry {key!r}: module metadata must be a dict")
+    elif entry.kind is Kind.OPTIMIZER:
+        groups = value.get("param_groups") if isinstance(value, dict) else None
+        if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                 for g in groups) and isinstance(value.get("state"), dict)):
+            raise CorruptCheckpointError(
+                f"state entry {key!r}: an optimizer's state must be a dict with 'state' (dict) and "
+                "'param_groups' (list of dicts with 'params')")
+
+
 def _find_problems(live: MutableMapping[str, Any], entries: dict[str, _Entry]) -> list[str]:
     problems = [f"{key!r}: in the live state but not in the checkpoint" for key in live if key not in entries]
     problems += [f"{key!r}: in the checkpoint but not in the live state" for key in entries if key not in live]
@@ -96,7 +117,10 @@ def _module_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[s
     problems += [f"{key!r}: unexpected key {k!r}" for k in saved if k not in current]
     for name in saved.keys() & current.keys():
         have, want = saved[name], current[name]
-        if not (isinstance(have, torch.Tensor) and isinstance(want, torch.Tensor)):
+        if isinstance(want, torch.Tensor) and not isinstance(have, torch.Tensor):
+            raise CorruptCheckpointError(f"state entry {key!r}: {name!r} is a {type(have).__name__} in the "
+                                         "checkpoint, not a tensor")
+        if not isinstance(have, torch.Tensor):
             continue
         if have.shape != want.shape:
             problems.append(f"{key!r}: {name!r} has shape {list(have.shape)} in the checkpoint but "
@@ -109,11 +133,7 @@ def _module_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[s
 
 
 def _optimizer_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[str]:
-    saved = entry.value
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list):
-        raise CorruptCheckpointError(f"state entry {key!r}: optimizer state without param_groups")
-    have = [len(g.get("params", [])) for g in groups]
+    have = [len(g["params"]) for g in entry.value["param_groups"]]
     want = [len(g["params"]) for g in current["param_groups"]]
     if have != want:
         entry.skip = {"*"}

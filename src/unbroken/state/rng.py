@@ -53,3 +53,24 @@ def _restore_cuda(states: list[torch.Tensor]) -> None:
                       f"restoring the first {min(count, len(states))}", stacklevel=3)
     for index, state in enumerate(states[:count]):
         torch.cuda.set_rng_state(state, index)
+
+
+def validate_rng(streams: Any) -> None:
+    """Check saved streams by loading them into scratch generators, so a crafted checkpoint fails
+    before anything is restored (and the live generators are never left half-set)."""
+    from ..errors import CorruptCheckpointError
+
+    try:
+        if not isinstance(streams, dict):
+            raise TypeError("not a dict of streams")
+        if "python" in streams:
+            random.Random().setstate(_as_python_state(streams["python"]))
+        if "numpy" in streams:
+            np.random.RandomState().set_state(streams["numpy"])
+        for state in [streams.get("torch")] + list(streams.get("cuda") or []):
+            if state is not None and not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
+                raise TypeError("torch RNG states must be uint8 tensors")
+        if "torch" in streams:
+            torch.Generator().set_state(streams["torch"])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CorruptCheckpointError(f"the saved RNG streams are malformed ({exc})") from None

@@ -46,6 +46,7 @@ class LocalWriteHandle(WriteHandle):
         self._pending = bytearray()
 
     def write(self, data: memoryview) -> None:
+        self._require_open()
         if len(data) >= _WRITE_BUFFER:
             self._flush()
             self._write_all(data)
@@ -122,9 +123,13 @@ class LocalStaging(Staging):
     def __init__(self, root: str, name: str) -> None:
         self.root, self.name = root, name
         self.path = os.path.join(root, f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
-        os.mkdir(self.path)
-        fsync_dir(root)
         self._handles: list[LocalWriteHandle] = []
+        os.mkdir(self.path)
+        try:
+            fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def create(self, file_name: str) -> WriteHandle:
         handle = LocalWriteHandle(os.path.join(self.path, file_name))
@@ -198,7 +203,15 @@ class LocalStorage(Storage):
     def cleanup(self) -> list[str]:
         removed = []
         for entry in os.listdir(self.root) if os.path.isdir(self.root) else []:
-            if entry.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+            if not entry.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                continue
+            path = os.path.join(self.root, entry)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(entry)
+            except OSError:
+                pass  # still there: it is never listed, and the next cleanup tries again
         return removed
