@@ -292,8 +292,6 @@ def test_metadata_key_is_not_a_tensor() -> None:
     assert parse_header(body, PREFIX_BYTES + len(body), "f") == []
 
 
-@pytest.mark.xfail(reason="BUG: format/header.py _parse_entry does `dtype not in NAME_TO_DTYPE` on an "
-                          "unhashable JSON value (list/dict) and raises TypeError", strict=True)
 @pytest.mark.parametrize("dtype", [[], {"F32": 1}], ids=["list", "dict"])
 def test_unhashable_dtype_is_refused(dtype: Any) -> None:
     body = _body({"a": _entry(dtype=dtype)})
@@ -301,8 +299,6 @@ def test_unhashable_dtype_is_refused(dtype: Any) -> None:
         parse_header(body, PREFIX_BYTES + len(body) + 8, "f")
 
 
-@pytest.mark.xfail(reason="BUG: format/header.py parse_header does not catch the ValueError json.loads raises "
-                          "for an integer literal over 4300 digits", strict=True)
 def test_giant_integer_literal_is_refused() -> None:
     body = b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 8]}}'
     with pytest.raises(CorruptCheckpointError):
@@ -471,8 +467,6 @@ def test_fuzz_mutated_header_scalar_values(case: tuple[dict[str, Any], int]) -> 
     _parse_or_corrupt(body, max(PREFIX_BYTES + len(body) + data, 0))
 
 
-@pytest.mark.xfail(reason="BUG: format/header.py _parse_entry raises TypeError for an unhashable dtype "
-                          "(see test_unhashable_dtype_is_refused)", strict=True)
 @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(_any_mutations())
 def test_fuzz_mutated_header_any_json_values(case: tuple[dict[str, Any], int]) -> None:

@@ -205,9 +205,6 @@ def test_cleanup_removes_staging_and_trash_leftovers_only(storage: LocalStorage)
     assert storage.cleanup() == []
 
 
-@pytest.mark.xfail(reason="BUG: storage/local.py LocalStorage.cleanup calls shutil.rmtree(ignore_errors=True) "
-                          "and reports the name as removed even when nothing was removed (here a leftover that "
-                          "is a plain file)", strict=True)
 def test_cleanup_reports_only_what_it_removed(storage: LocalStorage) -> None:
     leftover = Path(storage.root) / ".trash-step_000000001-abc"
     leftover.write_bytes(b"x")
@@ -361,9 +358,6 @@ def test_write_after_close_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "f").read_bytes() == b"a"
 
 
-@pytest.mark.xfail(reason="BUG: storage/local.py LocalWriteHandle.write buffers writes under 4 MiB without "
-                          "checking the handle is open, so a small write after close() is silently lost",
-                   strict=True)
 def test_small_write_after_close_is_refused(tmp_path: Path) -> None:
     handle = LocalWriteHandle(str(tmp_path / "f"))
     handle.close()
@@ -394,9 +388,6 @@ def test_failed_file_fsync_fails_the_save_and_commits_nothing(storage: LocalStor
     assert _entries(storage) == []
 
 
-@pytest.mark.xfail(reason="BUG: storage/local.py LocalStaging.__init__ creates the staging dir, then a failing "
-                          "fsync_dir(root) raises before write_checkpoint's try/abort, leaving the .staging-* dir",
-                   strict=True)
 def test_failed_directory_fsync_at_begin_leaves_no_staging(storage: LocalStorage,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = Manifest(step=1, created=0.0, world_size=1, versions={}, files={}, tensors={}, state={})
