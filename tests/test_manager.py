@@ -363,3 +363,33 @@ def test_step_over_an_existing_checkpoint_warns_and_keeps_it(tmp_path: Path) -> 
     with pytest.warns(RuntimeWarning, match="step 4 already exists"):
         assert again.step(4) is False
     assert (tmp_path / "step_000000004" / "manifest.json").read_bytes() == original
+
+
+class Fragile:
+    """A user object whose load_state_dict fails on a value it cannot take."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["value"] < 0:
+            raise KeyError("negative values are not allowed")
+        self.value = state["value"]
+
+
+def test_a_load_that_fails_midway_falls_back_or_raises_never_starts_fresh(tmp_path: Path) -> None:
+    state = {"model": make_state()["model"], "zz": Fragile()}
+    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt.step(1)
+    state["zz"].value = -1
+    ckpt.step(2)
+    live = {"model": make_state(seed=4)["model"], "zz": Fragile()}
+    with pytest.warns(CheckpointSkippedWarning, match=r"'zz' could not be loaded.*already overwritten: \['model'\]"):
+        assert CheckpointManager(tmp_path, live).restore() == 1
+    (tmp_path / "step_000000001" / "manifest.json").unlink()
+    with pytest.warns(CheckpointSkippedWarning):
+        with pytest.raises(unbroken.PartialRestoreError, match="already overwritten"):
+            CheckpointManager(tmp_path, {"model": make_state(seed=4)["model"], "zz": Fragile()}).restore()

@@ -15,7 +15,7 @@ from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints
 from .checkpoint import __version__
 from .data import DataLoader, ResumableSampler
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
-                     CorruptCheckpointError, StateMismatchError, StorageError, UnbrokenError,
+                     CorruptCheckpointError, PartialRestoreError, StateMismatchError, StorageError, UnbrokenError,
                      UnserializableStateError, UnsupportedFormatError)
 from .manager import CheckpointManager
 from .oneshot import load, save
@@ -26,7 +26,7 @@ __all__ = [
     "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
     "list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo",
     "KeepLast", "KeepBest", "KeepEvery", "DataLoader", "ResumableSampler",
-    "UnbrokenError", "CorruptCheckpointError", "UnsupportedFormatError", "UnserializableStateError",
+    "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError", "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError",
     "CheckpointSkippedWarning",
 ]

@@ -110,9 +110,17 @@ def _encode_mapping(value: Mapping[Any, Any], where: str, add_tensor: AddTensor,
         return {k: encode(v, f"{where}/{k}", add_tensor, depth + 1) for k, v in value.items()}
     items: list[Json] = []
     for k, v in value.items():
-        key = encode(k, f"{where} (key {k!r})", _no_tensor_keys, depth + 1)
-        items.append([key, encode(v, f"{where}/{k}", add_tensor, depth + 1)])
+        text = _key_text(k)
+        key = encode(k, f"{where} (key {text})", _no_tensor_keys, depth + 1)
+        items.append([key, encode(v, f"{where}/{text}", add_tensor, depth + 1)])
     return {"__dict__": items}
+
+
+def _key_text(key: Any) -> str:
+    """A key for a path in messages and tensor names; str() of a >4300-digit int raises."""
+    if isinstance(key, int) and key.bit_length() > 64:
+        return f"<int of {key.bit_length()} bits>"
+    return str(key)
 
 
 def _no_tensor_keys(where: str, tensor: torch.Tensor) -> str:

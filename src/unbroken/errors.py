@@ -11,6 +11,7 @@ __all__ = [
     "UnbrokenError",
     "CorruptCheckpointError",
     "UnsupportedFormatError",
+    "PartialRestoreError",
     "UnserializableStateError",
     "StateMismatchError",
     "CheckpointNotFoundError",
@@ -26,6 +27,10 @@ class UnbrokenError(Exception):
 
 class CorruptCheckpointError(UnbrokenError, ValueError):
     """A checkpoint on disk is truncated, bit-flipped, half-written or crafted."""
+
+
+class PartialRestoreError(CorruptCheckpointError):
+    """Loading failed after some live objects were already overwritten; they must not be trained on."""
 
 
 class UnsupportedFormatError(CorruptCheckpointError):

@@ -9,7 +9,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from .checkpoint import load_checkpoint
-from .errors import CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError
+from .errors import (CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError,
+                     PartialRestoreError)
 from .format import MANIFEST_NAME, Manifest
 from .storage import LocalStorage, Storage, parse_step_name, step_name
 
@@ -29,11 +30,14 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
     A corrupt checkpoint is skipped with a :class:`CheckpointSkippedWarning`; a checkpoint that does
     not match the live objects raises, because an older one would not match either.
     """
+    partial: PartialRestoreError | None = None
     for step in reversed(committed_steps(storage)):
         name = step_name(step)
         try:
             manifest = load_checkpoint(storage, name, state, strict=strict, rng=rng)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            if isinstance(exc, PartialRestoreError):
+                partial = exc  # an older checkpoint overwrites every entry again; a fresh start would not
             message = f"skipping checkpoint {storage.url}/{name}: {exc}"
             log.warning(message)
             warnings.warn(message, CheckpointSkippedWarning, stacklevel=3)
@@ -41,6 +45,8 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
         if manifest.step != step:
             raise CorruptCheckpointError(f"{storage.url}/{name}: manifest says step {manifest.step}")
         return manifest
+    if partial is not None:
+        raise partial
     return None
 
 

@@ -345,10 +345,6 @@ def _first_state(s: dict[str, Any]) -> dict[str, Any]:
     return s["optimizer"]["value"]["state"]["__dict__"][0][1]
 
 
-@pytest.mark.xfail(reason="BUG: state/restore.py validates module/optimizer trees only at the top level: a crafted "
-                          "module _metadata entry or optimizer param id / per-parameter state raises "
-                          "AttributeError/TypeError from torch's load_state_dict, after the model (and for "
-                          "optimizer state, the optimizer) has already been partly loaded", strict=True)
 @pytest.mark.parametrize("edit", [
     lambda s: s["model"]["meta"].__setitem__("1", 1.5),                             # AttributeError in BatchNorm
     lambda s: s["model"]["meta"].__setitem__("1", {"version": "x"}),                # TypeError in BatchNorm

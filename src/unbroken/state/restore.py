@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..codec import Json, decode
-from ..errors import CorruptCheckpointError, StateMismatchError
+from ..errors import CorruptCheckpointError, PartialRestoreError, StateMismatchError
 from .capture import RNG_KEY, check_state_keys
 from .objects import Kind, classify, unwrap_module
 from .rng import restore_rng, validate_rng
@@ -49,9 +49,16 @@ def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensor
             "to load only what matches.")
     if problems:
         warnings.warn("loading with strict=False; skipped:\n  - " + "\n  - ".join(problems), stacklevel=3)
+    done: list[str] = []
     for key, entry in entries.items():
         if key in live and entry.kind is classify(live[key]) and entry.skip != {"*"}:
-            live[key] = _apply(live[key], entry)
+            try:
+                live[key] = _apply(live[key], entry)
+            except Exception as exc:  # whatever an object's load_state_dict raises
+                raise PartialRestoreError(
+                    f"state entry {key!r} could not be loaded ({type(exc).__name__}: {exc}); "
+                    f"already overwritten: {done or 'nothing'}") from exc
+            done.append(key)
     if rng and rng_entry is not None:
         restore_rng(rng_entry.value)
 
@@ -78,8 +85,9 @@ def _check_shape_of_saved(key: str, entry: _Entry) -> None:
     if entry.kind is Kind.MODULE:
         if not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
             raise CorruptCheckpointError(f"state entry {key!r}: a module's state must be a dict with str keys")
-        if entry.meta is not None and not isinstance(entry.meta, dict):
-            raise CorruptCheckpointError(f"state entry {key!r}: module metadata must be a dict")
+        if not _is_module_meta(entry.meta):
+            raise CorruptCheckpointError(
+                f"state entry {key!r}: module metadata must map submodule names to {{'version': int}}")
     elif entry.kind is Kind.OPTIMIZER:
         groups = value.get("param_groups") if isinstance(value, dict) else None
         if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
@@ -87,6 +95,32 @@ def _check_shape_of_saved(key: str, entry: _Entry) -> None:
             raise CorruptCheckpointError(
                 f"state entry {key!r}: an optimizer's state must be a dict with 'state' (dict) and "
                 "'param_groups' (list of dicts with 'params')")
+        problem = _optimizer_tree_problem(value)
+        if problem:
+            raise CorruptCheckpointError(f"state entry {key!r}: {problem}")
+
+
+def _is_module_meta(meta: Any) -> bool:
+    if meta is None:
+        return True
+    return isinstance(meta, dict) and all(
+        isinstance(name, str) and isinstance(info, dict)
+        and all(isinstance(k, str) for k in info)
+        and (not isinstance(info.get("version"), bool) and isinstance(info.get("version", 0), (int, type(None))))
+        for name, info in meta.items())
+
+
+def _optimizer_tree_problem(value: dict[str, Any]) -> str | None:
+    ids = [p for g in value["param_groups"] for p in g["params"]]
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in ids):
+        return "optimizer param ids must be integers"
+    for param_id, per_param in value["state"].items():
+        if not isinstance(per_param, dict):
+            return f"optimizer state of param {param_id!r} must be a dict"
+        step = per_param.get("step", 0)
+        if not isinstance(step, (torch.Tensor, int, float)) or isinstance(step, bool):
+            return f"optimizer 'step' of param {param_id!r} must be a tensor or a number"
+    return None
 
 
 def _find_problems(live: MutableMapping[str, Any], entries: dict[str, _Entry]) -> list[str]:
