@@ -18,6 +18,13 @@ from unbroken import (CheckpointExistsError, CheckpointManager, CheckpointNotFou
 from .mounts import bind_mount, remount, tmpfs
 
 
+def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
+    """These tests check the disk right after step(): saves must be committed when it returns.
+    The background path is covered by tests/test_async_save.py."""
+    kwargs.setdefault("async_save", False)
+    return CheckpointManager(*args, **kwargs)
+
+
 def make_state(seed: int = 0, width: int = 8) -> dict:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
@@ -46,7 +53,7 @@ def steps_on_disk(run: Path) -> list[int]:
 
 def test_fresh_directory_is_created_and_restore_returns_zero(tmp_path: Path) -> None:
     run = tmp_path / "a" / "b" / "run"
-    ckpt = CheckpointManager(run, make_state())
+    ckpt = SyncManager(run, make_state())
     assert run.is_dir()
     assert ckpt.restore() == 0
     assert ckpt.list() == []
@@ -54,14 +61,14 @@ def test_fresh_directory_is_created_and_restore_returns_zero(tmp_path: Path) -> 
 
 def test_every_steps_schedule(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=3, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=3, save_on_close=False)
     saved = [ckpt.step(s) for s in range(1, 10)]
     assert saved == [False, False, True, False, False, True, False, False, True]
     assert steps_on_disk(tmp_path) == [3, 6, 9]
 
 
 def test_every_minutes_schedule(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, make_state(), every_minutes=0.002, save_on_close=False)  # 120 ms
+    ckpt = SyncManager(tmp_path, make_state(), every_minutes=0.002, save_on_close=False)  # 120 ms
     assert ckpt.step(1) is False
     time.sleep(0.2)
     assert ckpt.step(2) is True
@@ -70,7 +77,7 @@ def test_every_minutes_schedule(tmp_path: Path) -> None:
 
 
 def test_explicit_save_and_refusal_to_overwrite(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, make_state(), save_on_close=False)
+    ckpt = SyncManager(tmp_path, make_state(), save_on_close=False)
     with pytest.raises(ValueError, match="needs a step"):
         ckpt.save()
     ckpt.step(5)
@@ -81,7 +88,7 @@ def test_explicit_save_and_refusal_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_close_saves_final_step_once(tmp_path: Path) -> None:
-    with CheckpointManager(tmp_path, make_state(), every_steps=4) as ckpt:
+    with SyncManager(tmp_path, make_state(), every_steps=4) as ckpt:
         for s in range(1, 7):
             ckpt.step(s)
     assert steps_on_disk(tmp_path) == [4, 6]
@@ -91,18 +98,18 @@ def test_close_saves_final_step_once(tmp_path: Path) -> None:
 
 def test_no_final_save_after_an_exception_or_when_disabled(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with CheckpointManager(tmp_path / "a", make_state()) as ckpt:
+        with SyncManager(tmp_path / "a", make_state()) as ckpt:
             ckpt.step(1)
             raise RuntimeError("boom")
     assert steps_on_disk(tmp_path / "a") == []
-    ckpt = CheckpointManager(tmp_path / "b", make_state(), save_on_close=False)
+    ckpt = SyncManager(tmp_path / "b", make_state(), save_on_close=False)
     ckpt.step(1)
     ckpt.close()
     assert steps_on_disk(tmp_path / "b") == []
 
 
 def test_step_validation_and_closed_manager(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, make_state(), save_on_close=False)
+    ckpt = SyncManager(tmp_path, make_state(), save_on_close=False)
     ckpt.step(5)
     with pytest.raises(ValueError, match="backwards"):
         ckpt.step(4)
@@ -124,14 +131,14 @@ def test_step_validation_and_closed_manager(tmp_path: Path) -> None:
 ])
 def test_invalid_settings_are_refused_clearly(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        CheckpointManager(tmp_path, make_state(), **kwargs)
+        SyncManager(tmp_path, make_state(), **kwargs)
 
 
 def test_reserved_and_bad_state_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="reserved"):
-        CheckpointManager(tmp_path, {"unbroken.rng": 1})
+        SyncManager(tmp_path, {"unbroken.rng": 1})
     with pytest.raises(TypeError, match="non-empty strings"):
-        CheckpointManager(tmp_path, {3: 1})
+        SyncManager(tmp_path, {3: 1})
 
 
 def test_resume_continues_bit_exactly(tmp_path: Path) -> None:
@@ -139,14 +146,14 @@ def test_resume_continues_bit_exactly(tmp_path: Path) -> None:
     ref_losses = [train_step(reference) for _ in range(10)]
 
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=4, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=4, save_on_close=False)
     for s in range(1, 7):
         train_step(state)
         state["epoch"] = s // 3
         ckpt.step(s)
     # "crash" after step 6; the newest checkpoint is step 4
     resumed = make_state(seed=123)  # different init: everything must come from the checkpoint
-    ckpt2 = CheckpointManager(tmp_path, resumed)
+    ckpt2 = SyncManager(tmp_path, resumed)
     start = ckpt2.restore()
     assert start == 4 and resumed["epoch"] == 1
     losses = [train_step(resumed) for _ in range(start, 10)]
@@ -167,14 +174,14 @@ def _corrupt_newest_tensor_file(run: Path) -> Path:
 
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=2, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=2, save_on_close=False)
     for s in range(1, 5):
         train_step(state)
         ckpt.step(s)
     _corrupt_newest_tensor_file(tmp_path)
     fresh = make_state(seed=9)
     with pytest.warns(CheckpointSkippedWarning, match=r"step_000000004.*checksum mismatch"):
-        assert CheckpointManager(tmp_path, fresh).restore() == 2
+        assert SyncManager(tmp_path, fresh).restore() == 2
     records = unbroken.list_checkpoints(tmp_path, verify=True)
     assert [(r.step, r.valid) for r in records] == [(2, True), (4, False)]
 
@@ -182,7 +189,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path) -> 
 @pytest.mark.parametrize("damage", ["truncate", "empty_manifest", "no_manifest", "delete_data"])
 def test_broken_newest_checkpoint_is_skipped(tmp_path: Path, damage: str) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, save_on_close=False)
     for s in (1, 2):
         train_step(state)
         ckpt.step(s)
@@ -197,59 +204,59 @@ def test_broken_newest_checkpoint_is_skipped(tmp_path: Path, damage: str) -> Non
     else:
         (newest / "rank00000.safetensors").unlink()
     with pytest.warns(CheckpointSkippedWarning, match="step_000000002"):
-        assert CheckpointManager(tmp_path, make_state(seed=5)).restore() == 1
+        assert SyncManager(tmp_path, make_state(seed=5)).restore() == 1
 
 
 def test_all_checkpoints_broken_starts_fresh_with_warnings(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, save_on_close=False)
     ckpt.step(1)
     _corrupt_newest_tensor_file(tmp_path)
     before = params(state)
     with pytest.warns(CheckpointSkippedWarning):
-        assert CheckpointManager(tmp_path, state).restore() == 0
+        assert SyncManager(tmp_path, state).restore() == 0
     assert all(torch.equal(a, b) for a, b in zip(before, params(state)))
 
 
 def test_abandoned_staging_is_cleaned_and_never_listed(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, save_on_close=False)
     ckpt.step(1)
     staging = tmp_path / ".staging-step_000000002-deadbeef0000"
     staging.mkdir()
     (staging / "rank00000.safetensors").write_bytes(b"partial")
     assert steps_on_disk(tmp_path) == [1]
-    assert CheckpointManager(tmp_path, make_state()).restore() == 1
+    assert SyncManager(tmp_path, make_state()).restore() == 1
     assert not staging.exists()
 
 
 def test_restore_specific_step_or_path(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, save_on_close=False)
     snapshots = {}
     for s in (1, 2, 3):
         train_step(state)
         ckpt.step(s)
         snapshots[s] = params(state)
     fresh = make_state(seed=3)
-    assert CheckpointManager(tmp_path, fresh).restore(step=2) == 2
+    assert SyncManager(tmp_path, fresh).restore(step=2) == 2
     assert all(torch.equal(a, b) for a, b in zip(snapshots[2], params(fresh)))
-    assert CheckpointManager(tmp_path, fresh).restore(path=tmp_path / "step_000000001") == 1
+    assert SyncManager(tmp_path, fresh).restore(path=tmp_path / "step_000000001") == 1
     assert all(torch.equal(a, b) for a, b in zip(snapshots[1], params(fresh)))
     with pytest.raises(CheckpointNotFoundError, match=r"step 7.*available steps: \[1, 2, 3\]"):
-        CheckpointManager(tmp_path, fresh).restore(step=7)
+        SyncManager(tmp_path, fresh).restore(step=7)
     with pytest.raises(CheckpointNotFoundError, match="no such checkpoint"):
-        CheckpointManager(tmp_path, fresh).restore(path=tmp_path / "missing")
+        SyncManager(tmp_path, fresh).restore(path=tmp_path / "missing")
 
 
 def test_mismatched_model_raises_once_and_does_not_fall_back(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, make_state(), every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, make_state(), every_steps=1, save_on_close=False)
     ckpt.step(1)
     ckpt.step(2)
     other = make_state(width=16)
     before = params(other)
     with pytest.raises(StateMismatchError) as info:
-        CheckpointManager(tmp_path, other).restore()
+        SyncManager(tmp_path, other).restore()
     message = str(info.value)
     assert "'0.weight' has shape [8, 4] in the checkpoint but [16, 4]" in message
     assert "param groups" not in message  # same structure: only shapes differ
@@ -259,22 +266,22 @@ def test_mismatched_model_raises_once_and_does_not_fall_back(tmp_path: Path) -> 
 
 def test_missing_and_unexpected_entries_are_listed(tmp_path: Path) -> None:
     state = make_state()
-    CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False).step(1)
+    SyncManager(tmp_path, state, every_steps=1, save_on_close=False).step(1)
     live = make_state()
     del live["scheduler"]
     live["extra"] = 3
     with pytest.raises(StateMismatchError) as info:
-        CheckpointManager(tmp_path, live).restore()
+        SyncManager(tmp_path, live).restore()
     assert "'extra': in the live state but not in the checkpoint" in str(info.value)
     assert "'scheduler': in the checkpoint but not in the live state" in str(info.value)
     with pytest.warns(UserWarning, match="strict=False"):
-        assert CheckpointManager(tmp_path, live, strict=False).restore() == 1
+        assert SyncManager(tmp_path, live, strict=False).restore() == 1
     assert live["extra"] == 3
 
 
 def test_unserializable_value_fails_the_save_and_loses_nothing(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, save_on_close=False)
     ckpt.step(1)
     state["config"] = {"activation": torch.relu}
     with pytest.raises(UnserializableStateError, match=r"'config/activation'.*Fix"):
@@ -287,15 +294,15 @@ def test_unserializable_value_fails_the_save_and_loses_nothing(tmp_path: Path) -
 def test_read_only_directory_is_refused_at_construction(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "ro", read_only=True) as ro:
         with pytest.raises(StorageError, match="read-only filesystem.*Fix"):
-            CheckpointManager(ro / "run", make_state())
+            SyncManager(ro / "run", make_state())
         with pytest.raises(StorageError, match="read-only"):
-            CheckpointManager(ro, make_state())
+            SyncManager(ro, make_state())
 
 
 def test_directory_turning_read_only_fails_the_save_not_earlier_checkpoints(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "mnt") as mnt:
         state = make_state()
-        ckpt = CheckpointManager(mnt, state, every_steps=1, save_on_close=False)
+        ckpt = SyncManager(mnt, state, every_steps=1, save_on_close=False)
         ckpt.step(1)
         remount(mnt, read_only=True)
         try:
@@ -311,7 +318,7 @@ def test_directory_turning_read_only_fails_the_save_not_earlier_checkpoints(tmp_
 def test_full_disk_fails_the_save_and_leaves_no_debris(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", size="1m") as small:
         state = {"w": nn.Linear(8, 8)}
-        ckpt = CheckpointManager(small, state, every_steps=1, save_on_close=False)
+        ckpt = SyncManager(small, state, every_steps=1, save_on_close=False)
         ckpt.step(1)
         state["big"] = nn.Linear(1024, 512)  # 2 MB of weights on a 1 MB filesystem
         with pytest.raises(StorageError, match="No space left"):
@@ -322,7 +329,7 @@ def test_full_disk_fails_the_save_and_leaves_no_debris(tmp_path: Path) -> None:
 
 def test_failed_retention_delete_is_a_warning(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, keep_last=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, keep_last=1, save_on_close=False)
     ckpt.step(1)
     with bind_mount(tmp_path / "step_000000001"):
         with pytest.warns(RuntimeWarning, match="could not delete checkpoint step 1"):
@@ -335,14 +342,14 @@ def test_failed_retention_delete_is_a_warning(tmp_path: Path) -> None:
 def test_run_directory_that_is_a_checkpoint_is_refused(tmp_path: Path) -> None:
     unbroken.save(tmp_path / "ck", make_state())
     with pytest.raises(ValueError, match="single checkpoint"):
-        CheckpointManager(tmp_path / "ck", make_state())
+        SyncManager(tmp_path / "ck", make_state())
 
 
 def test_warning_free_normal_run(tmp_path: Path) -> None:
     state = make_state()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with CheckpointManager(tmp_path, state, every_steps=2, keep_last=2) as ckpt:
+        with SyncManager(tmp_path, state, every_steps=2, keep_last=2) as ckpt:
             start = ckpt.restore()
             for s in range(start, 6):
                 train_step(state)
@@ -352,12 +359,12 @@ def test_warning_free_normal_run(tmp_path: Path) -> None:
 
 def test_step_over_an_existing_checkpoint_warns_and_keeps_it(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = CheckpointManager(tmp_path, state, every_steps=2, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=2, save_on_close=False)
     for s in range(1, 5):
         train_step(state)
         ckpt.step(s)
     original = (tmp_path / "step_000000004" / "manifest.json").read_bytes()
-    again = CheckpointManager(tmp_path, make_state(seed=1), every_steps=2, save_on_close=False)
+    again = SyncManager(tmp_path, make_state(seed=1), every_steps=2, save_on_close=False)
     assert again.restore(step=2) == 2
     again.step(3)
     with pytest.warns(RuntimeWarning, match="step 4 already exists"):
@@ -382,14 +389,14 @@ class Fragile:
 
 def test_a_load_that_fails_midway_falls_back_or_raises_never_starts_fresh(tmp_path: Path) -> None:
     state = {"model": make_state()["model"], "zz": Fragile()}
-    ckpt = CheckpointManager(tmp_path, state, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, state, every_steps=1, save_on_close=False)
     ckpt.step(1)
     state["zz"].value = -1
     ckpt.step(2)
     live = {"model": make_state(seed=4)["model"], "zz": Fragile()}
     with pytest.warns(CheckpointSkippedWarning, match=r"'zz' could not be loaded.*already overwritten: \['model'\]"):
-        assert CheckpointManager(tmp_path, live).restore() == 1
+        assert SyncManager(tmp_path, live).restore() == 1
     (tmp_path / "step_000000001" / "manifest.json").unlink()
     with pytest.warns(CheckpointSkippedWarning):
         with pytest.raises(unbroken.PartialRestoreError, match="already overwritten"):
-            CheckpointManager(tmp_path, {"model": make_state(seed=4)["model"], "zz": Fragile()}).restore()
+            SyncManager(tmp_path, {"model": make_state(seed=4)["model"], "zz": Fragile()}).restore()

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 import unbroken
+from unbroken import CheckpointManager
 from unbroken import CheckpointExistsError, CheckpointNotFoundError
+
+
+def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
+    """These tests check the disk right after step(): saves must be committed when it returns.
+    The background path is covered by tests/test_async_save.py."""
+    kwargs.setdefault("async_save", False)
+    return CheckpointManager(*args, **kwargs)
 
 
 def test_save_load_round_trip_with_metadata(tmp_path: Path) -> None:
@@ -36,7 +44,7 @@ def test_save_never_overwrites(tmp_path: Path) -> None:
 
 
 def test_load_from_a_run_directory_uses_the_newest_valid(tmp_path: Path) -> None:
-    ckpt = unbroken.CheckpointManager(tmp_path, {"x": 1}, every_steps=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, {"x": 1}, every_steps=1, save_on_close=False)
     ckpt.step(1)
     ckpt.state["x"] = 2
     ckpt.step(2)

@@ -17,6 +17,13 @@ from unbroken.retention import Candidate, steps_to_keep
 LOSSES = {10: 0.9, 20: 0.4, 30: 0.7, 40: 0.2, 50: 0.8, 60: math.nan, 70: 0.95}
 
 
+def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
+    """These tests check the disk right after step(): saves must be committed when it returns.
+    The background path is covered by tests/test_async_save.py."""
+    kwargs.setdefault("async_save", False)
+    return CheckpointManager(*args, **kwargs)
+
+
 def candidates(metrics: dict[int, float] = LOSSES) -> list[Candidate]:
     return [Candidate(step, {"loss": loss}) for step, loss in metrics.items()]
 
@@ -77,7 +84,7 @@ def test_bad_policy_arguments(bad, message: str) -> None:
 
 
 def test_manager_applies_combined_policies_on_disk(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=10, keep_last=2, keep_best=1,
+    ckpt = SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=10, keep_last=2, keep_best=1,
                              best_metric="loss", keep_every=30, save_on_close=False)
     for step in range(1, 71):
         ckpt.step(step, metrics={"loss": LOSSES.get(step, 1.0)})
@@ -85,7 +92,7 @@ def test_manager_applies_combined_policies_on_disk(tmp_path: Path) -> None:
 
 
 def test_newest_survives_even_when_it_is_the_worst(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=1, keep_best=1, best_metric="acc",
+    ckpt = SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=1, keep_best=1, best_metric="acc",
                              best_mode="max", save_on_close=False)
     for step, acc in [(1, 0.9), (2, 0.5), (3, 0.1)]:
         ckpt.step(step, metrics={"acc": acc})
@@ -93,7 +100,7 @@ def test_newest_survives_even_when_it_is_the_worst(tmp_path: Path) -> None:
 
 
 def test_retention_never_counts_or_deletes_corrupt_checkpoints(tmp_path: Path) -> None:
-    ckpt = CheckpointManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=1, keep_last=1, save_on_close=False)
+    ckpt = SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=1, keep_last=1, save_on_close=False)
     ckpt.step(1)
     (tmp_path / "step_000000001" / "manifest.json").write_text("{")
     ckpt.step(2)

@@ -12,7 +12,7 @@ import torch
 
 from .codec import encode
 from .format import Manifest
-from .io import read_manifest, read_tensors, write_checkpoint
+from .io import FilePlan, live_runs, read_manifest, read_tensors, write_checkpoint
 from .state import Snapshot, capture, restore_state
 from .storage import Storage
 
@@ -57,7 +57,9 @@ def _never(where: str, tensor: torch.Tensor) -> str:
 def save_checkpoint(storage: Storage, name: str, state: Mapping[str, Any], step: int,
                     metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True) -> Manifest:
     snap = capture(state, rng=rng)
-    return write_checkpoint(storage, name, snap.tensors, build_manifest(snap, step, metrics, metadata))
+    plan = FilePlan.build(snap.tensors)
+    return write_checkpoint(storage, name, plan, live_runs(plan, snap.tensors),
+                            build_manifest(snap, step, metrics, metadata))
 
 
 def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any], strict: bool = True,

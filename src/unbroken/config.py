@@ -35,15 +35,31 @@ class ManagerConfig:
     """Save and restore Python, NumPy, torch CPU and CUDA random streams automatically."""
     metadata: Any = None
     """JSON-able user metadata (args, config) stored in every manifest."""
+    async_save: bool = True
+    """``step()`` returns once the state is copied to host buffers; a background thread writes it."""
+    when_busy: str = "wait"
+    """A save due while the previous one is still being written: "wait" for it, or "skip" (warns)."""
+    staging_budget_mb: float | None = None
+    """Cap on the host staging memory of async saves (None: the state's size). A larger state is
+    staged in chunks, and ``step()`` returns once the last chunk is copied."""
 
     def __post_init__(self) -> None:
         self.schedule()  # validates every_steps / every_minutes
         self.policies()  # validates the retention settings
         if self.best_metric is not None and self.keep_best is None:
             raise ValueError(f"best_metric={self.best_metric!r} is set but keep_best is not; set keep_best=N")
-        for name in ("save_on_close", "strict", "capture_rng"):
+        if self.when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy must be 'wait' or 'skip', got {self.when_busy!r}")
+        budget = self.staging_budget_mb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+            raise ValueError(f"staging_budget_mb must be a positive number or None, got {budget!r}")
+        for name in ("save_on_close", "strict", "capture_rng", "async_save"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def staging_budget_bytes(self) -> int | None:
+        return None if self.staging_budget_mb is None else max(2, int(self.staging_budget_mb * 1024 * 1024))
 
     def schedule(self) -> SaveSchedule:
         return SaveSchedule(self.every_steps, self.every_minutes)

@@ -16,8 +16,8 @@ from .config import ManagerConfig
 from .data import make_resumable, needs_adoption
 from .errors import CheckpointExistsError, StorageError
 from .format import Manifest
-from .io import SyncWriter, Writer, write_checkpoint
 from .records import CheckpointRecord, record_of, scan
+from .saver import Saver
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
 from .retention import Candidate, steps_to_keep
 from .state import capture, check_state_keys
@@ -41,11 +41,13 @@ class CheckpointManager:
                  every_steps: int | None = None, every_minutes: float | None = None,
                  keep_last: int | None = None, keep_best: int | None = None, best_metric: str | None = None,
                  best_mode: str = "min", keep_every: int | None = None, save_on_close: bool = True,
-                 strict: bool = True, capture_rng: bool = True, metadata: Any = None) -> None:
+                 strict: bool = True, capture_rng: bool = True, metadata: Any = None, async_save: bool = True,
+                 when_busy: str = "wait", staging_budget_mb: float | None = None) -> None:
         self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
                                     keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                                     keep_every=keep_every, save_on_close=save_on_close, strict=strict,
-                                    capture_rng=capture_rng, metadata=metadata)
+                                    capture_rng=capture_rng, metadata=metadata, async_save=async_save,
+                                    when_busy=when_busy, staging_budget_mb=staging_budget_mb)
         for value in state.values():
             if needs_adoption(value):
                 make_resumable(value)  # in place: the caller's loader object now resumes exactly
@@ -54,10 +56,12 @@ class CheckpointManager:
         self.storage: Storage = _open_run_directory(directory)
         self._schedule = self.config.schedule()
         self._policies = self.config.policies()
-        self._writer: Writer = SyncWriter()
+        self._saver = Saver(self.storage, self.config.async_save, self.config.when_busy,
+                            self.config.staging_budget_bytes, on_commit=self._after_commit)
         self._last_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
         self._saved_steps: set[int] = set()
+        self._last_committed: Manifest | None = None
         self._closed = False
 
     # -- resuming ---------------------------------------------------------------------------------
@@ -90,8 +94,10 @@ class CheckpointManager:
 
     # -- saving -----------------------------------------------------------------------------------
     def step(self, step: int, metrics: dict[str, Any] | None = None) -> bool:
-        """Report that ``step`` steps are complete; saves when the schedule says so.  True if it saved."""
+        """Report that ``step`` steps are complete; saves when the schedule says so.  True if a save
+        was started (with ``async_save`` it is still being written when this returns)."""
         self._check_open()
+        self._surface_errors(block=False)
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         if self._last_step is not None and step < self._last_step:
@@ -110,38 +116,63 @@ class CheckpointManager:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             self._saved_steps.add(step)
             return False
-        self._save(step, self._last_metrics)
-        return True
+        return self._start_save(step, self._last_metrics)
 
-    def save(self, step: int | None = None, metrics: dict[str, Any] | None = None) -> CheckpointRecord:
-        """Save now (at ``step``, default the last step reported); raises if that step is already saved."""
+    def save(self, step: int | None = None, metrics: dict[str, Any] | None = None,
+             wait: bool = True) -> CheckpointRecord | None:
+        """Save now (at ``step``, default the last step reported) and, with ``wait``, until committed.
+
+        Raises if that step is already saved.  Returns the committed record, or None when not waiting
+        or when skipped because a save is in flight (``when_busy="skip"``).
+        """
         self._check_open()
+        self._surface_errors(block=False)
         step = self._last_step if step is None else step
         if step is None:
             raise ValueError("save() needs a step: pass save(step=N) or call step(N) first")
         if self.storage.exists(step_name(step)):
             raise CheckpointExistsError(f"a checkpoint for step {step} already exists in {self.storage.url}; "
                                         "committed checkpoints are never overwritten")
-        return self._save(step, dict(metrics) if metrics is not None else self._last_metrics)
+        if not self._start_save(step, dict(metrics) if metrics is not None else self._last_metrics) or not wait:
+            return None
+        self._surface_errors(block=True)
+        committed = self._last_committed
+        return record_of(self.storage, step_name(step), committed) if committed and committed.step == step else None
 
-    def _save(self, step: int, metrics: dict[str, Any]) -> CheckpointRecord:
+    def _start_save(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Snapshot and start writing; False if skipped (``when_busy="skip"``).  A synchronous save
+        is complete, and its error raised, when this returns."""
         snap = capture(self.state, rng=self.config.capture_rng)
         manifest = build_manifest(snap, step, metrics, self.config.metadata)
-        name = step_name(step)
-        try:
-            committed = self._writer.submit(lambda: write_checkpoint(self.storage, name, snap.tensors, manifest)
-                                            ).result()
-        except OSError as exc:
-            if isinstance(exc, StorageError):
-                raise
-            raise StorageError(exc.errno, f"saving step {step} to {self.storage.url} failed: {exc.strerror or exc}. "
-                               "Earlier checkpoints are intact. Fix: free space or fix the directory, then "
-                               "save again") from exc
+        if self._saver.save(step_name(step), step, snap, manifest) is None:
+            return False
         self._saved_steps.add(step)
         self._schedule.saved()
-        log.info("saved checkpoint step %d (%d bytes) to %s", step, committed.total_bytes, self.storage.url)
+        if not self.config.async_save:
+            self._surface_errors(block=True)
+        return True
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; raises its error if it failed."""
+        self._surface_errors(block=True)
+
+    def _surface_errors(self, block: bool) -> Manifest | None:
+        """Raise the error of a failed background save here, on the training thread, exactly once."""
+        step = self._saver.pending_step
+        try:
+            if block:
+                return self._saver.wait()
+            self._saver.raise_if_failed()
+            return None
+        except BaseException:
+            self._saved_steps.discard(step)  # never counted as saved: close() or a later save retries
+            raise
+
+    def _after_commit(self, manifest: Manifest) -> None:
+        self._last_committed = manifest
+        log.info("saved checkpoint step %d (%d bytes) to %s", manifest.step, manifest.total_bytes,
+                 self.storage.url)
         self._apply_retention()
-        return record_of(self.storage, name, committed)
 
     def _apply_retention(self) -> None:
         if not self._policies:
@@ -169,12 +200,13 @@ class CheckpointManager:
         if self._closed:
             return
         try:
+            self._surface_errors(block=True)
             if (self.config.save_on_close and self._last_step is not None
                     and self._last_step not in self._saved_steps):
-                self._save(self._last_step, self._last_metrics)
+                self.save(self._last_step, self._last_metrics, wait=True)
         finally:
-            self._writer.close()
             self._closed = True
+            self._saver.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -188,8 +220,11 @@ class CheckpointManager:
         if exc_type is None:
             self.close()
         else:  # state may be half-updated mid-step: never save it as if it were a completed step
-            self._writer.close()
             self._closed = True
+            try:
+                self._saver.close()  # a save in flight holds a completed step: let it commit
+            except Exception as error:  # the exception already propagating matters more
+                log.warning("a background save failed while handling another error: %s", error)
 
 
 def _open_run_directory(directory: str | os.PathLike[str]) -> Storage:

@@ -91,10 +91,11 @@ def test_custom_batch_sampler_and_foreign_sampler() -> None:
 
 
 def run_registered(run: Path, loader_factory, stop: int | None) -> list[torch.Tensor]:
-    """Iterate 2 epochs through a manager that saves every batch; stop (crash) after `stop` batches."""
+    """Iterate 2 epochs through a manager that saves every batch; stop (crash) after `stop` batches.
+    Saves are synchronous: an in-process "crash" must not leave a writer thread running."""
     loader = loader_factory()
     state = {"loader": loader, "epoch": 0}
-    ckpt = CheckpointManager(run, state, every_steps=1, save_on_close=False)
+    ckpt = CheckpointManager(run, state, every_steps=1, save_on_close=False, async_save=False)
     step = ckpt.restore()
     seen = []
     for epoch in range(state["epoch"], 2):

@@ -15,7 +15,7 @@ import torch
 
 from unbroken.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from unbroken.format import Manifest
-from unbroken.io import read_manifest, write_checkpoint
+from unbroken.io import FilePlan, live_runs, read_manifest, write_checkpoint
 from unbroken.storage import LocalStorage, parse_step_name, step_name
 from unbroken.storage.local import LocalWriteHandle
 
@@ -382,7 +382,7 @@ def test_failed_file_fsync_fails_the_save_and_commits_nothing(storage: LocalStor
     manifest = Manifest(step=1, created=0.0, world_size=1, versions={}, files={}, tensors={}, state={})
     monkeypatch.setattr(os, "fsync", _fsync_failing_for("file"))
     with pytest.raises(OSError, match="simulated"):
-        write_checkpoint(storage, "step_000000001", {"w": torch.ones(3)}, manifest)
+        _write(storage, "step_000000001", {"w": torch.ones(3)}, manifest)
     monkeypatch.undo()
     assert storage.names() == []
     assert _entries(storage) == []
@@ -393,7 +393,7 @@ def test_failed_directory_fsync_at_begin_leaves_no_staging(storage: LocalStorage
     manifest = Manifest(step=1, created=0.0, world_size=1, versions={}, files={}, tensors={}, state={})
     monkeypatch.setattr(os, "fsync", _fsync_failing_for("dir"))
     with pytest.raises(OSError, match="simulated"):
-        write_checkpoint(storage, "step_000000001", {"w": torch.ones(3)}, manifest)
+        _write(storage, "step_000000001", {"w": torch.ones(3)}, manifest)
     monkeypatch.undo()
     assert storage.names() == []
     assert _entries(storage) == []
@@ -401,11 +401,16 @@ def test_failed_directory_fsync_at_begin_leaves_no_staging(storage: LocalStorage
 
 def test_write_checkpoint_commits_a_readable_checkpoint(storage: LocalStorage) -> None:
     manifest = Manifest(step=4, created=1.0, world_size=1, versions={}, files={}, tensors={}, state={})
-    committed = write_checkpoint(storage, "step_000000004", {"w": torch.ones(3), "e": torch.zeros(0)}, manifest)
+    committed = _write(storage, "step_000000004", {"w": torch.ones(3), "e": torch.zeros(0)}, manifest)
     assert storage.names() == ["step_000000004"]
     assert read_manifest(storage, "step_000000004") == committed
     assert set(committed.tensors) == {"w", "e"}
     with pytest.raises(CheckpointExistsError):
-        write_checkpoint(storage, "step_000000004", {"w": torch.zeros(3)}, manifest)
+        _write(storage, "step_000000004", {"w": torch.zeros(3)}, manifest)
     assert read_manifest(storage, "step_000000004") == committed
     assert storage.names() == ["step_000000004"] and _entries(storage) == ["step_000000004"]
+
+
+def _write(storage: LocalStorage, name: str, tensors: dict, manifest):
+    plan = FilePlan.build(tensors)
+    return write_checkpoint(storage, name, plan, live_runs(plan, tensors), manifest)

@@ -154,7 +154,8 @@ class _EpochIndices:
 
     def __len__(self) -> int:
         loader = self.loader
-        return len(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler)
+        source: Any = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+        return len(source)
 
     def __iter__(self) -> Iterator[Any]:
         loader = self.loader
@@ -236,7 +237,8 @@ def make_resumable(loader: TorchDataLoader) -> DataLoader:  # type: ignore[type-
             "state_dict()/load_state_dict()) and register that instead")
     if getattr(loader, "_iterator", None) is not None:
         raise ValueError("register the DataLoader before iterating it (its workers already run)")
-    sampler = _convert(loader.sampler, None)
+    original: Any = loader.sampler
+    sampler = _convert(original, None)
     batch_sampler = loader.batch_sampler
     if type(batch_sampler) is BatchSampler:
         batch_sampler = BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)

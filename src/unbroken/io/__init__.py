@@ -1,8 +1,11 @@
-"""Moving checkpoint bytes: streaming writes with checksums, verified reads, the writer interface."""
+"""Moving checkpoint bytes: streaming writes with checksums, staging for async saves, verified reads."""
 
 from __future__ import annotations
 
+from .plan import FilePlan, live_runs
 from .reader import read_manifest, read_tensors, verify_checkpoint
-from .writer import SyncWriter, Writer, write_checkpoint
+from .staging import HostStager, StagedSave
+from .writer import AsyncWriter, SyncWriter, Writer, write_checkpoint
 
-__all__ = ["read_manifest", "read_tensors", "verify_checkpoint", "write_checkpoint", "Writer", "SyncWriter"]
+__all__ = ["read_manifest", "read_tensors", "verify_checkpoint", "write_checkpoint", "Writer", "SyncWriter",
+           "AsyncWriter", "FilePlan", "live_runs", "HostStager", "StagedSave"]

@@ -1,35 +1,37 @@
-"""Writing one checkpoint: tensors streamed into a safetensors file, checksummed on the fly, then commit.
+"""Writing one checkpoint: a tensor file streamed from runs of bytes, checksummed on the fly, then commit.
 
-:class:`SyncWriter` runs a save job on the caller's thread.  The manager only talks to the
-:class:`Writer` interface (submit a job, get a future), so an asynchronous writer can replace it
-without touching the manager.
+There is one write path.  What differs between a synchronous and an asynchronous save is only
+where the runs come from (live tensors or staging buffers) and which thread runs the job:
+:class:`SyncWriter` runs it on the caller's thread, :class:`AsyncWriter` on one background thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from typing import TypeVar
 
-import torch
-
-from ..format import FileEntry, Manifest, TensorEntry, build_header, dtype_name
+from ..format import FileEntry, Manifest, TensorEntry
 from ..storage import Storage, WriteHandle
 from .checksum import crc32c
-from .tensor_bytes import byte_view, host_tensor
+from .plan import FilePlan, Run
 
-__all__ = ["write_checkpoint", "Writer", "SyncWriter"]
+__all__ = ["write_checkpoint", "Writer", "SyncWriter", "AsyncWriter"]
+
+T = TypeVar("T")
 
 
-def write_checkpoint(storage: Storage, name: str, tensors: Mapping[str, torch.Tensor], manifest: Manifest,
+def write_checkpoint(storage: Storage, name: str, plan: FilePlan, runs: Iterable[Run], manifest: Manifest,
                      file_name: str = "rank00000.safetensors") -> Manifest:
-    """Write ``tensors`` and the completed ``manifest`` as checkpoint ``name``; the committed manifest.
+    """Write the tensor file and the completed ``manifest`` as checkpoint ``name``; the committed manifest.
 
     On any error the staging area is removed and committed checkpoints are untouched.
     """
     staging = storage.begin(name)
     try:
-        file_entry, entries = _write_tensor_file(staging.create(file_name), file_name, tensors)
+        file_entry, entries = _write_tensor_file(staging.create(file_name), file_name, plan, runs)
         final = replace(manifest, files={file_name: file_entry}, tensors=entries)
         staging.commit(final.to_json())
     except BaseException:
@@ -38,44 +40,64 @@ def write_checkpoint(storage: Storage, name: str, tensors: Mapping[str, torch.Te
     return final
 
 
-def _write_tensor_file(handle: WriteHandle, file_name: str, tensors: Mapping[str, torch.Tensor]
+def _write_tensor_file(handle: WriteHandle, file_name: str, plan: FilePlan, runs: Iterable[Run]
                        ) -> tuple[FileEntry, dict[str, TensorEntry]]:
-    header, spans = build_header([(n, dtype_name(t.dtype, n), tuple(t.shape)) for n, t in tensors.items()])
+    crcs = [0] * len(plan.spans)
+    written = 0
     try:
-        handle.write(memoryview(header))
-        entries = {}
-        for span in spans:
-            data = byte_view(host_tensor(tensors[span.name], span.name))
+        handle.write(memoryview(plan.header))
+        for data, pieces in runs:
+            for index, lo, hi in pieces:  # a tensor may straddle two runs: its CRC continues
+                crcs[index] = crc32c(data[lo:hi], crcs[index])
             handle.write(data)
-            entries[span.name] = TensorEntry(file_name, span.dtype, span.shape, span.begin, span.end, crc32c(data))
+            written += len(data)
+        if written != plan.data_bytes:
+            raise RuntimeError(f"internal error: wrote {written} data bytes, planned {plan.data_bytes}")
         handle.close()
     except BaseException:
         handle.abort()
         raise
-    size = spans[-1].end if spans else len(header)
-    return FileEntry(size=size, header_crc32c=crc32c(header)), entries
+    entries = {s.name: TensorEntry(file_name, s.dtype, s.shape, s.begin, s.end, crc) for s, crc in
+               zip(plan.spans, crcs, strict=True)}
+    return FileEntry(size=plan.file_size, header_crc32c=crc32c(plan.header)), entries
 
 
 class Writer:
-    """Runs save jobs; ``submit`` returns a future of the committed manifest."""
+    """Runs save jobs; ``submit`` returns a future of the job's result."""
 
-    def submit(self, job: Callable[[], Manifest]) -> Future[Manifest]:
+    def submit(self, job: Callable[[], T]) -> Future[T]:
         raise NotImplementedError
 
-    def wait(self) -> None:
-        """Block until every submitted job finished (errors stay in their futures)."""
-
     def close(self) -> None:
-        self.wait()
+        """Wait for submitted jobs (their errors stay in their futures) and release resources."""
 
 
 class SyncWriter(Writer):
     """Runs each job immediately on the calling thread."""
 
-    def submit(self, job: Callable[[], Manifest]) -> Future[Manifest]:
-        future: Future[Manifest] = Future()
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
         try:
             future.set_result(job())
-        except Exception as exc:  # delivered through the future, like an asynchronous writer would
+        except Exception as exc:  # delivered through the future, as from the asynchronous writer
             future.set_exception(exc)
         return future
+
+
+class AsyncWriter(Writer):
+    """Runs jobs one at a time on a background thread.
+
+    The thread spends its time in ``os.write``, ``fsync`` and CRC32C, which all release the GIL, so
+    the training loop keeps running Python while a checkpoint is written.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-writer")
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        with self._lock:
+            return self._pool.submit(job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,96 @@
+"""Running saves for the manager: synchronously, or in the background with at most one in flight.
+
+Invariants:
+* a save is committed (and listed) only after every byte is durable; a failed background save
+  leaves nothing behind and its error is raised by the next ``step()``/``save()``/``close()``;
+* the training thread returns from a background save as soon as the state is copied into the
+  staging buffers, so it may change the tensors right after;
+* a save due while another is in flight waits for it (``when_busy="wait"``) or is skipped with a
+  warning (``"skip"``): the staging buffers are reused, so two saves can never share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+
+from .errors import StorageError
+from .format import Manifest
+from .io import AsyncWriter, FilePlan, HostStager, StagedSave, SyncWriter, live_runs, write_checkpoint
+from .io.plan import Run
+from .state import Snapshot
+from .storage import Storage
+
+__all__ = ["Saver"]
+
+log = logging.getLogger("unbroken")
+
+
+class Saver:
+    def __init__(self, storage: Storage, background: bool, when_busy: str, budget_bytes: int | None,
+                 on_commit: Callable[[Manifest], None]) -> None:
+        self.storage, self.background, self.when_busy = storage, background, when_busy
+        self._on_commit = on_commit
+        self._writer = AsyncWriter() if background else SyncWriter()
+        self._stager = HostStager(budget_bytes) if background else None
+        self._pending: tuple[int, Future[Manifest]] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None and not self._pending[1].done()
+
+    def save(self, name: str, step: int, snap: Snapshot, manifest: Manifest) -> Future[Manifest] | None:
+        """Start saving ``snap``; ``None`` if skipped because a save is in flight (``when_busy="skip"``)."""
+        if self.busy and self.when_busy == "skip":
+            message = f"checkpoint for step {step} skipped: the previous save is still being written"
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return None
+        self.wait()
+        plan = FilePlan.build(snap.tensors)
+        if self._stager is None:
+            runs = live_runs(plan, snap.tensors)
+            future = self._writer.submit(lambda: self._commit(name, step, plan, runs, manifest))
+        else:
+            staged = StagedSave(self._stager, plan, snap.tensors)
+            future = self._writer.submit(lambda: self._commit(name, step, plan, staged.runs(), manifest))
+            staged.fill(future)  # returns once the state is copied: training may modify it again
+        self._pending = (step, future)
+        return future
+
+    def _commit(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
+        try:
+            committed = write_checkpoint(self.storage, name, plan, runs, manifest)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(exc.errno, f"saving step {step} to {self.storage.url} failed: "
+                               f"{exc.strerror or exc}. Earlier checkpoints are intact. Fix: free space or fix "
+                               "the directory; later saves will try again") from exc
+        self._on_commit(committed)
+        return committed
+
+    def wait(self) -> Manifest | None:
+        """Block until the save in flight is committed; raise its error if it failed (once)."""
+        if self._pending is None:
+            return None
+        step, future = self._pending
+        self._pending = None
+        return future.result()
+
+    def raise_if_failed(self) -> None:
+        """Raise the error of a background save that already failed; never blocks."""
+        if self._pending is not None and self._pending[1].done() and self._pending[1].exception() is not None:
+            self.wait()
+
+    @property
+    def pending_step(self) -> int | None:
+        return self._pending[0] if self._pending is not None else None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._writer.close()
