@@ -12,6 +12,7 @@ import torch
 
 from .codec import encode
 from .format import Manifest
+from .gcpause import paused_gc
 from .io import FilePlan, live_runs, read_manifest, read_tensors, write_checkpoint
 from .state import Snapshot, capture, restore_state
 from .storage import Storage
@@ -56,10 +57,11 @@ def _never(where: str, tensor: torch.Tensor) -> str:
 
 def save_checkpoint(storage: Storage, name: str, state: Mapping[str, Any], step: int,
                     metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True) -> Manifest:
-    snap = capture(state, rng=rng)
-    plan = FilePlan.build(snap.tensors)
-    return write_checkpoint(storage, name, plan, live_runs(plan, snap.tensors),
-                            build_manifest(snap, step, metrics, metadata))
+    with paused_gc():
+        snap = capture(state, rng=rng)
+        plan = FilePlan.build(snap.tensors)
+        manifest = build_manifest(snap, step, metrics, metadata)
+    return write_checkpoint(storage, name, plan, live_runs(plan, snap.tensors), manifest)
 
 
 def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any], strict: bool = True,
@@ -67,5 +69,6 @@ def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any]
     """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
     manifest = read_manifest(storage, name)
     tensors = read_tensors(storage, name, manifest)
-    restore_state(state, manifest.state, tensors, strict=strict, rng=rng)
+    with paused_gc():
+        restore_state(state, manifest.state, tensors, strict=strict, rng=rng)
     return manifest

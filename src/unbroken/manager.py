@@ -16,6 +16,7 @@ from .config import ManagerConfig
 from .data import make_resumable, needs_adoption
 from .errors import CheckpointExistsError, StorageError
 from .format import Manifest
+from .gcpause import paused_gc
 from .records import CheckpointRecord, record_of, scan
 from .saver import Saver
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
@@ -142,8 +143,9 @@ class CheckpointManager:
     def _start_save(self, step: int, metrics: dict[str, Any]) -> bool:
         """Snapshot and start writing; False if skipped (``when_busy="skip"``).  A synchronous save
         is complete, and its error raised, when this returns."""
-        snap = capture(self.state, rng=self.config.capture_rng)
-        manifest = build_manifest(snap, step, metrics, self.config.metadata)
+        with paused_gc():
+            snap = capture(self.state, rng=self.config.capture_rng)
+            manifest = build_manifest(snap, step, metrics, self.config.metadata)
         if self._saver.save(step_name(step), step, snap, manifest) is None:
             return False
         self._saved_steps.add(step)

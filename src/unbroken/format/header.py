@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import CorruptCheckpointError
+from ..gcpause import paused_gc
 from .dtypes import NAME_TO_DTYPE, itemsize
 
 __all__ = ["TensorSpan", "build_header", "parse_header", "MAX_HEADER_BYTES", "PREFIX_BYTES"]
@@ -42,15 +43,16 @@ class TensorSpan:
 
 def build_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[bytes, list[TensorSpan]]:
     """The header bytes (length prefix included) for ``(name, dtype, shape)`` entries, and their spans."""
-    table: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    parts = ['{"__metadata__":{"format":"pt"}']
     relative = 0
     layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * itemsize(dtype)
-        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [relative, relative + nbytes]}
+        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
+                     f'"data_offsets":[{relative},{relative + nbytes}]}}')
         layout.append((name, dtype, shape, relative, relative + nbytes))
         relative += nbytes
-    body = json.dumps(table, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body = (",".join(parts) + "}").encode("utf-8")
     body += b" " * (-len(body) % _ALIGN)  # keeps the data 8-byte aligned, as safetensors does
     start = PREFIX_BYTES + len(body)
     spans = [TensorSpan(n, d, s, start + b, start + e) for n, d, s, b, e in layout]
@@ -73,7 +75,8 @@ def header_length(prefix: bytes, file_size: int, where: str) -> int:
 def parse_header(body: bytes, file_size: int, where: str) -> list[TensorSpan]:
     """Parse and validate a JSON header (without its prefix) of a file of ``file_size`` bytes."""
     try:
-        table = json.loads(body.decode("utf-8"))
+        with paused_gc():
+            table = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, >4300-digit ints
         raise CorruptCheckpointError(f"{where}: header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(table, dict):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from ..gcpause import paused_gc
 from .dtypes import NAME_TO_DTYPE
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "Manifest", "MANIFEST_NAME",
@@ -74,13 +75,18 @@ class Manifest:
             "created": self.created, "world_size": self.world_size, "versions": self.versions,
             "checksum": CHECKSUM, "metrics": self.metrics, "metadata": self.metadata,
             "files": {n: {"size": f.size, "header_crc32c": f.header_crc32c} for n, f in self.files.items()},
-            "tensors": {n: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end],
-                            "crc32c": t.crc32c} for n, t in self.tensors.items()},
             "state": self.state,
         }
         # allow_nan=False: the manifest is strict JSON that any tool parses; non-finite floats are
         # tagged by the codec before they get here.
-        return json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        head = json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        # The tensor table (one entry per tensor, often tens of thousands) is written as text:
+        # building it as dicts made the garbage collector walk the whole training process.
+        tensors = ",".join(
+            f'{json.dumps(n, ensure_ascii=False)}:{{"file":{json.dumps(t.file)},"dtype":"{t.dtype}",'
+            f'"shape":[{",".join(map(str, t.shape))}],"offsets":[{t.begin},{t.end}],"crc32c":{t.crc32c}}}'
+            for n, t in self.tensors.items())
+        return (head[:-1] + ',"tensors":{' + tensors + "}}").encode("utf-8")
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
@@ -90,10 +96,12 @@ class Manifest:
         if not raw.strip():
             raise CorruptCheckpointError(f"{where}: manifest is empty (the save was interrupted before commit)")
         try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            with paused_gc():
+                doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from None
-        return _parse(doc, where)
+        with paused_gc():
+            return _parse(doc, where)
 
 
 def _reject_constant(name: str) -> None:

@@ -18,7 +18,13 @@ from ..errors import UnserializableStateError
 from ..format import TensorSpan, build_header, dtype_name
 from .tensor_bytes import byte_view, host_tensor
 
-__all__ = ["FilePlan", "Run", "live_runs", "flat_bytes"]
+__all__ = ["FilePlan", "Run", "live_runs", "flat_bytes", "batches", "batch_bytes", "group_of"]
+
+SMALL_TENSOR = 1 << 20
+BATCH_BYTES = 64 << 20
+# dtypes torch.cat supports on every build we target (the unsigned 16/32/64-bit ones lack kernels)
+_CAT_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+               torch.bfloat16, torch.float32, torch.float64}
 
 Piece = tuple[int, int, int]
 Run = tuple[memoryview, list[Piece]]
@@ -31,7 +37,15 @@ class FilePlan:
 
     @classmethod
     def build(cls, tensors: Mapping[str, torch.Tensor]) -> FilePlan:
-        header, spans = build_header([(n, dtype_name(t.dtype, n), tuple(t.shape)) for n, t in tensors.items()])
+        """Tensors grouped by state entry, and within an entry by element size, largest first: every
+        tensor of a group then starts at a multiple of its element size relative to the group's start,
+        so a reader can view one block read of a group as typed tensors without copying."""
+        entries = [(n, dtype_name(t.dtype, n), tuple(t.shape)) for n, t in tensors.items()]  # noqa: C416
+        first_seen: dict[str, int] = {}
+        for name, _, _ in entries:
+            first_seen.setdefault(group_of(name), len(first_seen))
+        entries.sort(key=lambda e: (first_seen[group_of(e[0])], -tensors[e[0]].element_size()))
+        header, spans = build_header(entries)
         return cls(header, spans)
 
     @property
@@ -47,11 +61,54 @@ class FilePlan:
         return self.data_start + self.data_bytes
 
 
-def live_runs(plan: FilePlan, tensors: Mapping[str, torch.Tensor]) -> Iterator[Run]:
-    """Stream straight from tensor memory (a device tensor is copied to the host one at a time)."""
+def group_of(name: str) -> str:
+    """The state entry a tensor belongs to (the first component of its name)."""
+    return name.split("/", 1)[0]
+
+
+def batches(plan: FilePlan, tensors: Mapping[str, torch.Tensor]) -> Iterator[list[int]]:
+    """Span indices in file order, consecutive small CPU tensors of one dtype batched together, so
+    thousands of tiny tensors cost a few large copies instead of thousands of small ones."""
+    batch: list[int] = []
+    size = 0
     for index, span in enumerate(plan.spans):
+        tensor = tensors[span.name]
+        small = (span.nbytes <= SMALL_TENSOR and tensor.device.type == "cpu" and tensor.dtype in _CAT_DTYPES
+                 and tensor.layout == torch.strided)
+        if batch and (not small or tensor.dtype != tensors[plan.spans[batch[0]].name].dtype
+                      or size + span.nbytes > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        if small:
+            batch.append(index)
+            size += span.nbytes
+        else:
+            yield [index]
+    if batch:
+        yield batch
+
+
+def batch_bytes(plan: FilePlan, tensors: Mapping[str, torch.Tensor], batch: list[int]) -> Run:
+    """One run holding the bytes of the spans in ``batch`` (consecutive in the file)."""
+    if len(batch) == 1:
+        span = plan.spans[batch[0]]
         data = byte_view(host_tensor(tensors[span.name], span.name))
-        yield data, [(index, 0, len(data))]
+        return data, [(batch[0], 0, len(data))]
+    flats = [flat_bytes(tensors[plan.spans[i].name], plan.spans[i].name) for i in batch]
+    data = byte_view(torch.cat(flats))
+    pieces, offset = [], 0
+    for index in batch:
+        n = plan.spans[index].nbytes
+        pieces.append((index, offset, offset + n))
+        offset += n
+    return data, pieces
+
+
+def live_runs(plan: FilePlan, tensors: Mapping[str, torch.Tensor]) -> Iterator[Run]:
+    """Stream from tensor memory: large tensors directly (a device tensor is copied to the host one at
+    a time), small ones batched; extra memory stays under one batch (BATCH_BYTES)."""
+    for batch in batches(plan, tensors):
+        yield batch_bytes(plan, tensors, batch)
 
 
 def flat_bytes(tensor: torch.Tensor, where: str) -> torch.Tensor:

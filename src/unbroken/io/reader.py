@@ -16,6 +16,7 @@ from ..format import (MANIFEST_NAME, MAX_MANIFEST_BYTES, NAME_TO_DTYPE, PREFIX_B
                       TensorSpan, header_length, parse_header)
 from ..storage import ReadHandle, Storage
 from .checksum import crc32c
+from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
 from .tensor_bytes import byte_view
 
 __all__ = ["read_manifest", "read_tensors", "verify_checkpoint"]
@@ -52,8 +53,11 @@ def _iter_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[t
         where = f"{storage.url}/{name}/{file_name}"
         with storage.open(name, file_name) as handle:
             _check_file(handle, manifest, file_name, entries, where)
-            for tensor_name, entry in entries:
-                yield tensor_name, _read_tensor(handle, tensor_name, entry, where)
+            for block in _blocks(sorted(entries, key=lambda e: e[1].begin)):
+                if len(block) == 1:
+                    yield block[0][0], _read_tensor(handle, block[0][0], block[0][1], where)
+                else:
+                    yield from _read_block(handle, block, where)
 
 
 def _check_file(handle: ReadHandle, manifest: Manifest, file_name: str,
@@ -89,13 +93,49 @@ def _match_spans(spans: dict[str, TensorSpan], entries: list[tuple[str, TensorEn
                 f"[{entry.begin}, {entry.end})")
 
 
-def _read_tensor(handle: ReadHandle, tensor_name: str, entry: TensorEntry, where: str) -> torch.Tensor:
-    tensor = torch.empty(entry.shape, dtype=NAME_TO_DTYPE[entry.dtype])
-    view = byte_view(tensor)
-    handle.read_into(entry.begin, view)
+def _blocks(entries: list[tuple[str, TensorEntry]]) -> Iterator[list[tuple[str, TensorEntry]]]:
+    """Runs of small tensors of one state entry, read with one system call each."""
+    block: list[tuple[str, TensorEntry]] = []
+    for tensor_name, entry in entries:
+        small = entry.end - entry.begin <= SMALL_TENSOR
+        if block and (not small or group_of(tensor_name) != group_of(block[0][0])
+                      or entry.end - block[0][1].begin > BATCH_BYTES):
+            yield block
+            block = []
+        if small:
+            block.append((tensor_name, entry))
+        else:
+            yield [(tensor_name, entry)]
+    if block:
+        yield block
+
+
+def _read_block(handle: ReadHandle, block: list[tuple[str, TensorEntry]], where: str
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    start = block[0][1].begin
+    raw = torch.empty(block[-1][1].end - start, dtype=torch.uint8)
+    handle.read_into(start, byte_view(raw))
+    for tensor_name, entry in block:
+        piece = raw[entry.begin - start:entry.end - start]
+        _check_crc(byte_view(piece), tensor_name, entry, where)
+        try:  # the writer's layout keeps each tensor aligned to its element size within a block
+            tensor = piece.view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
+        except RuntimeError:
+            tensor = piece.clone().view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
+        yield tensor_name, tensor
+
+
+def _check_crc(view: memoryview, tensor_name: str, entry: TensorEntry, where: str) -> None:
     found = crc32c(view)
     if found != entry.crc32c:
         raise CorruptCheckpointError(
             f"{where}: tensor {tensor_name!r} checksum mismatch (expected crc32c {entry.crc32c:08x}, "
             f"found {found:08x}); the data is corrupt")
+
+
+def _read_tensor(handle: ReadHandle, tensor_name: str, entry: TensorEntry, where: str) -> torch.Tensor:
+    tensor = torch.empty(entry.shape, dtype=NAME_TO_DTYPE[entry.dtype])
+    view = byte_view(tensor)
+    handle.read_into(entry.begin, view)
+    _check_crc(view, tensor_name, entry, where)
     return tensor

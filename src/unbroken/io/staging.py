@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .plan import FilePlan, Run, flat_bytes
+from .plan import FilePlan, Run, batch_bytes, batches, flat_bytes
 
 __all__ = ["HostStager", "StagedSave"]
 
@@ -99,12 +99,16 @@ class StagedSave:
     def _copy_range(self, buffer: torch.Tensor, start: int, end: int) -> None:
         """Copy the bytes of the data section in [start, end) (relative offsets) into ``buffer``."""
         base = self.plan.data_start
-        for span in self.plan.spans:
-            lo, hi = max(span.begin - base, start), min(span.end - base, end)
+        for batch in batches(self.plan, self.tensors):
+            first, last = self.plan.spans[batch[0]], self.plan.spans[batch[-1]]
+            lo, hi = max(first.begin - base, start), min(last.end - base, end)
             if lo >= hi:
                 continue
-            src = flat_bytes(self.tensors[span.name], span.name)
-            offset = span.begin - base
+            offset = first.begin - base
+            if len(batch) > 1:  # small CPU tensors: one concatenation, one copy
+                src = torch.frombuffer(batch_bytes(self.plan, self.tensors, batch)[0], dtype=torch.uint8)
+            else:  # straight from the tensor (a device tensor goes device→pinned host, asynchronously)
+                src = flat_bytes(self.tensors[first.name], first.name)
             buffer[lo - start:hi - start].copy_(src[lo - offset:hi - offset], non_blocking=self.cuda)
         if self.cuda:
             torch.cuda.synchronize()  # the copies above are asynchronous into pinned memory

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..codec import Json, decode
 from ..errors import CorruptCheckpointError, PartialRestoreError, StateMismatchError
@@ -178,13 +179,42 @@ def _optimizer_problems(key: str, current: dict[str, Any], entry: _Entry) -> lis
 def _apply(target: Any, entry: _Entry) -> Any:
     if entry.kind is Kind.MODULE:
         values = OrderedDict((k, v) for k, v in entry.value.items() if k not in (entry.skip or set()))
-        values._metadata = entry.meta or {}  # type: ignore[attr-defined]
-        unwrap_module(target).load_state_dict(values, strict=not entry.skip and _no_missing(target, values))
+        module = unwrap_module(target)
+        if _plain_tensors_only(module):
+            _copy_into(module, values)
+        else:
+            values._metadata = entry.meta or {}  # type: ignore[attr-defined]
+            module.load_state_dict(values, strict=not entry.skip and _no_missing(target, values))
         return target
     if entry.kind in (Kind.OPTIMIZER, Kind.STATEFUL):
         _load_stateful(target, entry.value)
         return target
     return _assign_value(target, entry.value)
+
+
+def _plain_tensors_only(module: nn.Module) -> bool:
+    """True when no submodule customises loading (hooks, _load_from_state_dict, extra state): then
+    loading is exactly ``param.copy_(saved)`` for each entry, which is what we do directly.
+
+    ``nn.Module.load_state_dict`` filters the whole state dict once per submodule, quadratic in the
+    number of submodules: 2,000 layers take seconds.  Modules that customise loading keep it.
+    """
+    base = nn.Module
+    for m in module.modules():
+        kind = type(m)
+        if (kind._load_from_state_dict is not base._load_from_state_dict
+                or kind.get_extra_state is not base.get_extra_state
+                or m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks):
+            return False
+    return True
+
+
+def _copy_into(module: nn.Module, values: dict[str, Any]) -> None:
+    live = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, value in values.items():
+            if live[name] is not value:
+                live[name].copy_(value)
 
 
 def _no_missing(target: Any, values: dict[str, Any]) -> bool:

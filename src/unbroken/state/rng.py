@@ -32,9 +32,15 @@ def restore_rng(streams: dict[str, Any]) -> None:
     if "numpy" in streams:
         np.random.set_state(streams["numpy"])
     if "torch" in streams:
-        torch.set_rng_state(streams["torch"])
+        torch.set_rng_state(_standalone(streams["torch"]))
     if "cuda" in streams:
         _restore_cuda(streams["cuda"])
+
+
+def _standalone(state: torch.Tensor) -> torch.Tensor:
+    """A fresh copy: a loaded tensor may be a view into a larger read buffer, and the generators'
+    set_state reads raw memory assuming a tensor that owns its storage (a view crashes torch)."""
+    return state.detach().clone(memory_format=torch.contiguous_format)
 
 
 def _as_python_state(state: Any) -> Any:
@@ -52,7 +58,7 @@ def _restore_cuda(states: list[torch.Tensor]) -> None:
         warnings.warn(f"the checkpoint holds {len(states)} CUDA RNG states but {count} GPUs are visible; "
                       f"restoring the first {min(count, len(states))}", stacklevel=3)
     for index, state in enumerate(states[:count]):
-        torch.cuda.set_rng_state(state, index)
+        torch.cuda.set_rng_state(_standalone(state), index)
 
 
 def validate_rng(streams: Any) -> None:
@@ -71,6 +77,6 @@ def validate_rng(streams: Any) -> None:
             if state is not None and not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
                 raise TypeError("torch RNG states must be uint8 tensors")
         if "torch" in streams:
-            torch.Generator().set_state(streams["torch"])
+            torch.Generator().set_state(_standalone(streams["torch"]))
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise CorruptCheckpointError(f"the saved RNG streams are malformed ({exc})") from None
