@@ -13,8 +13,9 @@ import torch
 from .codec import encode
 from .format import Manifest
 from .gcpause import paused_gc
-from .io import FilePlan, live_runs, read_manifest, read_tensors, write_checkpoint
+from .io import FilePlan, live_runs, mapped_tensors, read_manifest, write_checkpoint
 from .state import Snapshot, capture, restore_state
+from .state.restore import copied_on_load
 from .storage import Storage
 
 __all__ = ["versions", "build_manifest", "save_checkpoint", "load_checkpoint"]
@@ -68,7 +69,10 @@ def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any]
                     rng: bool = True) -> Manifest:
     """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
     manifest = read_manifest(storage, name)
-    tensors = read_tensors(storage, name, manifest)
-    with paused_gc():
-        restore_state(state, manifest.state, tensors, strict=strict, rng=rng)
+    with mapped_tensors(storage, name, manifest) as mapped:  # every checksum verified before use
+        borrowed = copied_on_load(manifest.state)
+        tensors = {n: t if n in borrowed else t.clone() for n, t in mapped.items()}
+        with paused_gc():
+            restore_state(state, manifest.state, tensors, strict=strict, rng=rng)
+        del tensors
     return manifest

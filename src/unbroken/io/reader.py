@@ -7,6 +7,7 @@ Allocations never exceed the size of a file that actually exists.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -19,7 +20,7 @@ from .checksum import crc32c
 from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
 from .tensor_bytes import byte_view
 
-__all__ = ["read_manifest", "read_tensors", "verify_checkpoint"]
+__all__ = ["read_manifest", "read_tensors", "mapped_tensors", "verify_checkpoint"]
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -37,6 +38,58 @@ def read_tensors(storage: Storage, name: str, manifest: Manifest) -> dict[str, t
     return dict(_iter_tensors(storage, name, manifest))
 
 
+@contextlib.contextmanager
+def mapped_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[dict[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, verified, as views of the files mapped into memory.
+
+    The bytes come straight from the page cache (no allocation, no copy); every checksum is checked
+    before the dict is handed out.  The views are only valid inside the ``with`` block: copy what
+    must outlive it.  Storage that cannot map falls back to :func:`read_tensors`.
+    """
+    maps: list[memoryview] = []
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        for file_name, entries in _by_file(manifest).items():
+            where = f"{storage.url}/{name}/{file_name}"
+            with storage.open(name, file_name) as handle:
+                _check_file(handle, manifest, file_name, entries, where)
+                view = handle.map()
+                if view is None:  # storage without memory maps: read everything the usual way
+                    tensors = read_tensors(storage, name, manifest)
+                    break
+                maps.append(view)
+            whole = torch.frombuffer(view, dtype=torch.uint8)
+            for tensor_name, entry in entries:
+                piece = whole[entry.begin:entry.end]
+                _check_crc(byte_view(piece), tensor_name, entry, where)
+                tensors[tensor_name] = _typed(piece, entry)
+            del whole
+        yield tensors
+    finally:
+        tensors.clear()
+        for view in maps:
+            mapped = view.obj
+            view.release()
+            try:
+                mapped.close()  # type: ignore[union-attr]
+            except BufferError:  # a view escaped; the mapping is closed when it is collected
+                pass
+
+
+def _by_file(manifest: Manifest) -> dict[str, list[tuple[str, TensorEntry]]]:
+    by_file: dict[str, list[tuple[str, TensorEntry]]] = {f: [] for f in manifest.files}
+    for tensor_name, entry in manifest.tensors.items():
+        by_file[entry.file].append((tensor_name, entry))
+    return by_file
+
+
+def _typed(piece: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    try:  # the writer's layout keeps each tensor aligned to its element size within a group
+        return piece.view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
+    except RuntimeError:
+        return piece.clone().view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
+
+
 def verify_checkpoint(storage: Storage, name: str) -> Manifest:
     """Check every byte of checkpoint ``name``; its manifest, or :class:`CorruptCheckpointError`."""
     manifest = read_manifest(storage, name)
@@ -46,10 +99,7 @@ def verify_checkpoint(storage: Storage, name: str) -> Manifest:
 
 
 def _iter_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
-    by_file: dict[str, list[tuple[str, TensorEntry]]] = {f: [] for f in manifest.files}
-    for tensor_name, entry in manifest.tensors.items():
-        by_file[entry.file].append((tensor_name, entry))
-    for file_name, entries in by_file.items():
+    for file_name, entries in _by_file(manifest).items():
         where = f"{storage.url}/{name}/{file_name}"
         with storage.open(name, file_name) as handle:
             _check_file(handle, manifest, file_name, entries, where)
@@ -118,11 +168,7 @@ def _read_block(handle: ReadHandle, block: list[tuple[str, TensorEntry]], where:
     for tensor_name, entry in block:
         piece = raw[entry.begin - start:entry.end - start]
         _check_crc(byte_view(piece), tensor_name, entry, where)
-        try:  # the writer's layout keeps each tensor aligned to its element size within a block
-            tensor = piece.view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
-        except RuntimeError:
-            tensor = piece.clone().view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
-        yield tensor_name, tensor
+        yield tensor_name, _typed(piece, entry)
 
 
 def _check_crc(view: memoryview, tensor_name: str, entry: TensorEntry, where: str) -> None:

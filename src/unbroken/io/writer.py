@@ -7,6 +7,7 @@ where the runs come from (live tensors or staging buffers) and which thread runs
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ from .plan import FilePlan, Run
 __all__ = ["write_checkpoint", "Writer", "SyncWriter", "AsyncWriter"]
 
 T = TypeVar("T")
+WRITER_NICE = 19
 
 
 def write_checkpoint(storage: Storage, name: str, plan: FilePlan, runs: Iterable[Run], manifest: Manifest,
@@ -84,6 +86,15 @@ class SyncWriter(Writer):
         return future
 
 
+def _lower_priority() -> None:
+    """Give the writer thread a lower CPU priority (Linux nice is per thread): the kernel's copy of
+    checkpoint bytes into the page cache then yields to the training threads on a busy machine."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
 class AsyncWriter(Writer):
     """Runs jobs one at a time on a background thread.
 
@@ -92,7 +103,8 @@ class AsyncWriter(Writer):
     """
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-writer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-writer",
+                                        initializer=_lower_priority)
         self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], T]) -> Future[T]:

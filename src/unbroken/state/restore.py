@@ -22,7 +22,7 @@ from .capture import RNG_KEY, check_state_keys
 from .objects import Kind, classify, unwrap_module
 from .rng import restore_rng, validate_rng
 
-__all__ = ["restore_state"]
+__all__ = ["restore_state", "copied_on_load"]
 
 
 @dataclass
@@ -62,6 +62,29 @@ def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensor
             done.append(key)
     if rng and rng_entry is not None:
         restore_rng(rng_entry.value)
+
+
+def copied_on_load(saved: dict[str, Json]) -> set[str]:
+    """Names of tensors that loading only copies from (module parameters and buffers): they can be
+    handed over as views of a mapped file.  Everything else may be kept by the object it is loaded
+    into (optimizer state, user objects), so it must own its memory."""
+    names: set[str] = set()
+
+    def walk(node: Json) -> None:
+        if isinstance(node, dict):
+            if len(node) == 1 and isinstance(node.get("__tensor__"), str):
+                names.add(node["__tensor__"])  # type: ignore[arg-type]
+            else:
+                for value in node.values():
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for node in saved.values():
+        if isinstance(node, dict) and node.get("kind") == Kind.MODULE.value:
+            walk(node.get("value"))
+    return names
 
 
 def _decode_entry(key: str, node: Json, tensors: dict[str, torch.Tensor]) -> _Entry:

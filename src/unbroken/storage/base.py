@@ -49,6 +49,10 @@ class ReadHandle(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def map(self) -> memoryview | None:
+        """The whole file mapped into memory (page cache, no copy), or None where not supported."""
+        return None
+
     def __enter__(self) -> ReadHandle:
         return self
 

@@ -14,6 +14,7 @@ Deletion renames to a trash name first, so a half-deleted checkpoint never looks
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import stat
@@ -114,6 +115,14 @@ class LocalReadHandle(ReadHandle):
             if got == 0:
                 raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {offset + done})")
             done += got
+
+    def map(self) -> memoryview | None:
+        if self.size == 0:
+            return None
+        # ACCESS_COPY: a private mapping, so views are writable for torch but never write the file.
+        mapped = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_COPY)
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        return memoryview(mapped)
 
     def close(self) -> None:
         os.close(self._fd)
