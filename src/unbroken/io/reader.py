@@ -71,7 +71,7 @@ def mapped_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[
             mapped = view.obj
             view.release()
             try:
-                mapped.close()  # type: ignore[union-attr]
+                mapped.close()  # type: ignore[attr-defined]
             except BufferError:  # a view escaped; the mapping is closed when it is collected
                 pass
 
