@@ -16,6 +16,7 @@ A plain torch ``DataLoader`` registered in a manager's state is converted in pla
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,7 +71,7 @@ class DataLoader(TorchDataLoader):  # type: ignore[type-arg]
         self._plan = (0, 0)
         self._indices = _EpochIndices(self)
         if isinstance(self.sampler, ResumableSampler):
-            self.sampler.owner = self
+            self.sampler.owner = weakref.ref(self)
 
     # -- iteration ------------------------------------------------------------------------------------
     @property
@@ -150,7 +151,16 @@ class _EpochIndices:
     tagged with per-sample seeds.  Iterating it twice yields the same thing (torch may do that)."""
 
     def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+        # A weak reference: a cycle would keep a dropped loader, and its worker processes, alive
+        # until the garbage collector runs (at exit, that means waiting for worker timeouts).
+        self._loader = weakref.ref(loader)
+
+    @property
+    def loader(self) -> DataLoader:
+        loader = self._loader()
+        if loader is None:
+            raise RuntimeError("the DataLoader of this iterator no longer exists")
+        return loader
 
     def __len__(self) -> int:
         loader = self.loader
@@ -161,19 +171,22 @@ class _EpochIndices:
         loader = self.loader
         epoch, skip = loader._plan
         seeded = isinstance(loader.dataset, SeededDataset)
-        seed = loader.sampler.seed if isinstance(loader.sampler, ResumableSampler) else 0
-        rank = getattr(loader.sampler, "rank", 0)
+        sampler, batch_sampler = loader.sampler, loader.batch_sampler
+        seed = sampler.seed if isinstance(sampler, ResumableSampler) else 0
+        rank = getattr(sampler, "rank", 0)
+        # This generator lives in the loader's (persistent) iterator: holding the loader in its frame
+        # would make a cycle that keeps worker processes alive until a garbage collection.
+        del loader
 
         def tag(position: int, index: int) -> Any:
             return (index, sample_seed(seed, epoch, rank, position)) if seeded else index
 
-        batch_sampler = loader.batch_sampler
         if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
             for b, batch in enumerate(itertools.islice(iter(batch_sampler), skip, None), start=skip):
                 yield [tag(b * _BATCH_STRIDE + j, i) for j, i in enumerate(batch)]
             return
         per_batch = batch_sampler.batch_size if batch_sampler is not None else 1
-        tagged = (tag(p, i) for p, i in _positions(loader.sampler, epoch, skip * per_batch))
+        tagged = (tag(p, i) for p, i in _positions(sampler, epoch, skip * per_batch))
         if batch_sampler is None:
             yield from tagged
             return

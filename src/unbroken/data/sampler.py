@@ -90,7 +90,7 @@ class ResumableSampler(Sampler[int]):
         self.rank, self.world_size = distributed_settings(rank, world_size)
         self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else int(seed)
         self.cursor = EpochCursor()
-        self.owner: Any = None  # a DataLoader driving this sampler forwards set_epoch to its own cursor
+        self.owner: Any = None  # weakref to a DataLoader driving this sampler: set_epoch goes to its cursor
 
     @property
     def epoch(self) -> int:
@@ -122,7 +122,8 @@ class ResumableSampler(Sampler[int]):
             yield start + offset, index
 
     def set_epoch(self, epoch: int) -> None:
-        (self.owner.cursor if self.owner is not None else self.cursor).request(epoch)
+        owner = self.owner() if self.owner is not None else None
+        (owner.cursor if owner is not None else self.cursor).request(epoch)
 
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.cursor.advance()
