@@ -89,8 +89,8 @@ def main(argv=None) -> None:
 
     # Hyper-parameters go into the state as a plain dict. The run directory is left out on
     # purpose: it is where the run lives, not what it computes, so two copies of the same run in
-    # different directories hold identical checkpoints. A copy goes into `state`: restore() updates
-    # a saved dict in place, and `hparams` must keep what this command line asked for.
+    # different directories hold identical checkpoints. A copy goes into `state`: restore() replaces
+    # it with the saved dict, and `hparams` must keep what this command line asked for.
     hparams = {k: v for k, v in vars(args).items() if k != "run_dir"}
     state = {"model": model, "optimizer": opt, "scheduler": sched, "epoch": 0, "args": dict(hparams)}
 

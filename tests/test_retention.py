@@ -107,3 +107,13 @@ def test_retention_never_counts_or_deletes_corrupt_checkpoints(tmp_path: Path) -
     ckpt.step(3)
     records = unbroken.list_checkpoints(tmp_path)
     assert [(r.step, r.valid) for r in records] == [(1, False), (3, True)]
+
+
+def test_restore_applies_retention_left_undone_by_a_killed_run(tmp_path: Path) -> None:
+    SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=1, save_on_close=False).step(1)
+    # as if killed right after committing steps 2 and 3, before their retention passes ran
+    for step in (2, 3):
+        SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, save_on_close=False).save(step=step)
+    assert [r.step for r in unbroken.list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, keep_last=2).restore() == 3
+    assert [r.step for r in unbroken.list_checkpoints(tmp_path)] == [2, 3]

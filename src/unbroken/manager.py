@@ -90,6 +90,8 @@ class CheckpointManager:
         self._last_step = manifest.step
         self._saved_steps.add(manifest.step)
         self._schedule.saved()
+        # A run killed between a commit and its retention pass left one checkpoint too many.
+        self._apply_retention()
         log.info("resumed from step %d (%s)", manifest.step, self.storage.url)
         return manifest.step
 
