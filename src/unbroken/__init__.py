@@ -26,7 +26,8 @@ __all__ = [
     "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
     "list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo",
     "KeepLast", "KeepBest", "KeepEvery", "DataLoader", "ResumableSampler",
-    "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError", "UnserializableStateError",
+    "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
+    "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError",
     "CheckpointSkippedWarning",
 ]

@@ -31,12 +31,9 @@ def versions() -> dict[str, str]:
 def build_manifest(snap: Snapshot, step: int, metrics: Mapping[str, Any] | None, metadata: Any,
                    world_size: int = 1) -> Manifest:
     """The manifest of ``snap`` before its files are written (files and tensors are filled by the writer)."""
-    def no_tensors(where: str, tensor: torch.Tensor) -> str:
-        raise TypeError(f"{where}: metrics and metadata must not hold tensors; use .item() or .tolist()")
-
     return Manifest(step=step, created=time.time(), world_size=world_size, versions=versions(), files={},
                     tensors={}, state=snap.state,
-                    metrics=_encode_metrics(metrics or {}), metadata=encode(metadata, "metadata", no_tensors))
+                    metrics=_encode_metrics(metrics or {}), metadata=encode(metadata, "metadata", _no_tensors))
 
 
 def _encode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,12 +45,12 @@ def _encode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
             value = value.item()
         if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"metric {name!r}={value!r}: metrics must map str names to numbers")
-        out[name] = encode(value, f"metrics/{name}", _never)
+        out[name] = encode(value, f"metrics/{name}", _no_tensors)
     return out
 
 
-def _never(where: str, tensor: torch.Tensor) -> str:
-    raise TypeError(where)
+def _no_tensors(where: str, tensor: torch.Tensor) -> str:
+    raise TypeError(f"{where}: metrics and metadata must not hold tensors; use .item() or .tolist()")
 
 
 def save_checkpoint(storage: Storage, name: str, state: Mapping[str, Any], step: int,

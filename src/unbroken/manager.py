@@ -34,8 +34,8 @@ class CheckpointManager:
 
     ``state`` maps names to objects with ``state_dict()``/``load_state_dict()`` (models, optimizers,
     schedulers, scalers, EMA models, samplers, ...) or to plain JSON-able values (epoch, args).  The
-    dict is read at every save; :meth:`restore` loads objects in place and replaces plain values in it.  See :class:`ManagerConfig`
-    for every keyword argument.
+    dict is read at every save; :meth:`restore` loads objects in place and replaces plain values in it.
+    See :class:`ManagerConfig` for every keyword argument.
     """
 
     def __init__(self, directory: str | os.PathLike[str], state: MutableMapping[str, Any], *,

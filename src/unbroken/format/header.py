@@ -48,7 +48,8 @@ def build_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[b
     layout: list[tuple[str, str, tuple[int, ...], int, int]] = []
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * itemsize(dtype)
-        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],'
+        dims = ",".join(map(str, shape))
+        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{dtype}","shape":[{dims}],'
                      f'"data_offsets":[{relative},{relative + nbytes}]}}')
         layout.append((name, dtype, shape, relative, relative + nbytes))
         relative += nbytes

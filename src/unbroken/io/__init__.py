@@ -7,5 +7,6 @@ from .reader import mapped_tensors, read_manifest, read_tensors, verify_checkpoi
 from .staging import HostStager, StagedSave
 from .writer import AsyncWriter, SyncWriter, Writer, write_checkpoint
 
-__all__ = ["mapped_tensors", "read_manifest", "read_tensors", "verify_checkpoint", "write_checkpoint", "Writer", "SyncWriter",
+__all__ = ["mapped_tensors", "read_manifest", "read_tensors", "verify_checkpoint", "write_checkpoint", "Writer",
+           "SyncWriter",
            "AsyncWriter", "FilePlan", "live_runs", "HostStager", "StagedSave"]

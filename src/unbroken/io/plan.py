@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UnserializableStateError
 from ..format import TensorSpan, build_header, dtype_name
-from .tensor_bytes import byte_view, host_tensor
+from .tensor_bytes import byte_view, dense_values, host_tensor
 
 __all__ = ["FilePlan", "Run", "live_runs", "flat_bytes", "batches", "batch_bytes", "group_of"]
 
@@ -113,11 +112,7 @@ def live_runs(plan: FilePlan, tensors: Mapping[str, torch.Tensor]) -> Iterator[R
 
 def flat_bytes(tensor: torch.Tensor, where: str) -> torch.Tensor:
     """A flat uint8 view of a tensor's values on its own device (a contiguous copy only if needed)."""
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
-        raise UnserializableStateError(
-            f"{where}: {tensor.layout} / quantized / meta tensors cannot be saved as raw bytes. "
-            "Fix: convert it to a dense tensor (e.g. .to_dense()) before saving.")
-    tensor = tensor.detach().resolve_conj().resolve_neg()
+    tensor = dense_values(tensor, where)
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor.reshape(-1).view(torch.uint8)

@@ -8,17 +8,23 @@ import torch
 
 from ..errors import UnserializableStateError
 
-__all__ = ["host_tensor", "byte_view"]
+__all__ = ["host_tensor", "byte_view", "dense_values"]
 
 
-def host_tensor(tensor: torch.Tensor, where: str) -> torch.Tensor:
-    """A dense, contiguous CPU tensor with the same values (the same object when it already is one)."""
+def dense_values(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """The tensor's plain values on its own device (conjugate/negative views resolved), or a clear
+    error for a layout that has no raw bytes."""
     if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
         raise UnserializableStateError(
             f"{where}: {tensor.layout} / quantized / meta tensors cannot be saved as raw bytes. "
             "Fix: convert it to a dense tensor (e.g. .to_dense()) before saving."
         )
-    tensor = tensor.detach().resolve_conj().resolve_neg()
+    return tensor.detach().resolve_conj().resolve_neg()
+
+
+def host_tensor(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """A dense, contiguous CPU tensor with the same values (the same object when it already is one)."""
+    tensor = dense_values(tensor, where)
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
     return tensor if tensor.is_contiguous() else tensor.contiguous()
