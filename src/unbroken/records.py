@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +12,6 @@ from .io import read_manifest, verify_checkpoint
 from .storage import Storage, parse_step_name
 
 __all__ = ["CheckpointRecord", "scan", "record_of"]
-
-log = logging.getLogger("unbroken")
 
 
 @dataclass(frozen=True)

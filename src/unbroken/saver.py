@@ -18,6 +18,7 @@ from concurrent.futures import Future
 
 from .errors import StorageError
 from .format import Manifest
+from .gcpause import paused_gc
 from .io import AsyncWriter, FilePlan, HostStager, StagedSave, SyncWriter, live_runs, write_checkpoint
 from .io.plan import Run
 from .state import Snapshot
@@ -49,7 +50,8 @@ class Saver:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return None
         self.wait()
-        plan = FilePlan.build(snap.tensors)
+        with paused_gc():
+            plan = FilePlan.build(snap.tensors)
         if self._stager is None:
             runs = live_runs(plan, snap.tensors)
             future = self._writer.submit(lambda: self._commit(name, step, plan, runs, manifest))

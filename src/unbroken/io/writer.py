@@ -105,11 +105,9 @@ class AsyncWriter(Writer):
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unbroken-writer",
                                         initializer=_lower_priority)
-        self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
-        with self._lock:
-            return self._pool.submit(job)
+        return self._pool.submit(job)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
