@@ -15,8 +15,8 @@ from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints
 from .checkpoint import __version__
 from .data import DataLoader, ResumableSampler
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
-                     CorruptCheckpointError, PartialRestoreError, StateMismatchError, StorageError, UnbrokenError,
-                     UnserializableStateError, UnsupportedFormatError)
+                     CorruptCheckpointError, PartialRestoreError, RunLockedError, StateMismatchError, StorageError,
+                     UnbrokenError, UnserializableStateError, UnsupportedFormatError)
 from .manager import CheckpointManager
 from .oneshot import load, save
 from .records import CheckpointRecord
@@ -28,6 +28,6 @@ __all__ = [
     "KeepLast", "KeepBest", "KeepEvery", "DataLoader", "ResumableSampler",
     "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
     "UnserializableStateError",
-    "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError",
+    "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
     "CheckpointSkippedWarning",
 ]

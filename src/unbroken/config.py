@@ -42,6 +42,17 @@ class ManagerConfig:
     staging_budget_mb: float | None = None
     """Cap on the host staging memory of async saves (None: the state's size). A larger state is
     staged in chunks, and ``step()`` returns once the last chunk is copied."""
+    on_save_error: str = "raise"
+    """A save that fails with an I/O error (full disk, failing disk, lost mount): "raise" its
+    ``StorageError`` from ``step()``/``save()``/``wait()``/``close()``, or "warn" and keep training (the
+    next scheduled save tries again).  Earlier checkpoints are intact either way; other errors
+    (e.g. unserializable state) always raise."""
+
+    lock: bool = True
+    """Hold an advisory lock on a local run directory while the manager is open, so a second job
+    writing there fails with ``RunLockedError`` instead of racing (False: filesystems without locks)."""
+    lock_timeout: float = 0.0
+    """Seconds to wait for another process's lock (a restarted job whose predecessor is still exiting)."""
 
     def __post_init__(self) -> None:
         self.schedule()  # validates every_steps / every_minutes
@@ -50,10 +61,15 @@ class ManagerConfig:
             raise ValueError(f"best_metric={self.best_metric!r} is set but keep_best is not; set keep_best=N")
         if self.when_busy not in ("wait", "skip"):
             raise ValueError(f"when_busy must be 'wait' or 'skip', got {self.when_busy!r}")
+        if self.on_save_error not in ("raise", "warn"):
+            raise ValueError(f"on_save_error must be 'raise' or 'warn', got {self.on_save_error!r}")
         budget = self.staging_budget_mb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
             raise ValueError(f"staging_budget_mb must be a positive number or None, got {budget!r}")
-        for name in ("save_on_close", "strict", "capture_rng", "async_save"):
+        timeout = self.lock_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {timeout!r}")
+        for name in ("save_on_close", "strict", "capture_rng", "async_save", "lock"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

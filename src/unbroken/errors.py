@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointExistsError",
     "StorageError",
+    "RunLockedError",
     "CheckpointSkippedWarning",
 ]
 
@@ -55,6 +56,10 @@ class CheckpointExistsError(UnbrokenError, FileExistsError):
 
 class StorageError(UnbrokenError, OSError):
     """Writing, committing or deleting a checkpoint failed at the storage level."""
+
+
+class RunLockedError(UnbrokenError, RuntimeError):
+    """Another live process holds the run directory: two writers must never share one run."""
 
 
 class CheckpointSkippedWarning(UserWarning):

@@ -7,6 +7,7 @@ import logging
 import os
 import uuid
 import warnings
+import weakref
 from collections.abc import MutableMapping
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,7 @@ from .records import CheckpointRecord, record_of, scan
 from .saver import Saver
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
 from .retention import Candidate, steps_to_keep
+from .runlock import RunLock
 from .state import capture, check_state_keys
 from .storage import LocalStorage, Storage, step_name
 
@@ -43,12 +45,14 @@ class CheckpointManager:
                  keep_last: int | None = None, keep_best: int | None = None, best_metric: str | None = None,
                  best_mode: str = "min", keep_every: int | None = None, save_on_close: bool = True,
                  strict: bool = True, capture_rng: bool = True, metadata: Any = None, async_save: bool = True,
-                 when_busy: str = "wait", staging_budget_mb: float | None = None) -> None:
+                 when_busy: str = "wait", staging_budget_mb: float | None = None,
+                 on_save_error: str = "raise", lock: bool = True, lock_timeout: float = 0.0) -> None:
         self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
                                     keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                                     keep_every=keep_every, save_on_close=save_on_close, strict=strict,
                                     capture_rng=capture_rng, metadata=metadata, async_save=async_save,
-                                    when_busy=when_busy, staging_budget_mb=staging_budget_mb)
+                                    when_busy=when_busy, staging_budget_mb=staging_budget_mb,
+                                    on_save_error=on_save_error, lock=lock, lock_timeout=lock_timeout)
         for value in state.values():
             if needs_adoption(value):
                 make_resumable(value)  # in place: the caller's loader object now resumes exactly
@@ -64,6 +68,12 @@ class CheckpointManager:
         self._saved_steps: set[int] = set()
         self._last_committed: Manifest | None = None
         self._closed = False
+        self._closed_reason = ""
+        self._lock: RunLock | None = None
+        if self.config.lock and isinstance(self.storage, LocalStorage):
+            self._lock = RunLock(self.storage.root, on_takeover=self._taken_over)
+            self._lock.acquire(self.config.lock_timeout)
+            weakref.finalize(self, self._lock.release)  # a manager dropped without close() frees the run
 
     # -- resuming ---------------------------------------------------------------------------------
     def restore(self, step: int | None = None, path: str | os.PathLike[str] | None = None,
@@ -168,9 +178,16 @@ class CheckpointManager:
                 return self._saver.wait()
             self._saver.raise_if_failed()
             return None
-        except BaseException:
+        except BaseException as exc:
             self._saved_steps.discard(step)  # never counted as saved: close() or a later save retries
-            raise
+            if not (isinstance(exc, StorageError) and self.config.on_save_error == "warn"):
+                raise
+            # Only I/O failures are downgraded: the next scheduled save tries again, and the earlier
+            # checkpoints are intact.  A bug (unserializable state) must still stop the run.
+            message = f"checkpoint for step {step} failed, training continues: {exc}"
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            return None
 
     def _after_commit(self, manifest: Manifest) -> None:
         self._last_committed = manifest
@@ -210,11 +227,26 @@ class CheckpointManager:
                 self.save(self._last_step, self._last_metrics, wait=True)
         finally:
             self._closed = True
-            self._saver.close()
+            try:
+                self._saver.close()
+            finally:
+                self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _taken_over(self) -> None:
+        """A newer manager in this process opened our run directory: stop writing, keep nothing open."""
+        self._closed, self._closed_reason = True, ": a newer CheckpointManager took over its run directory"
+        try:
+            self._saver.close()  # the save in flight completes a finished step: let it commit
+        except Exception as error:  # that save's error belongs to the replaced manager's user
+            log.warning("the replaced manager's last save failed: %s", error)
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this CheckpointManager is closed")
+            raise RuntimeError(f"this CheckpointManager is closed{self._closed_reason}")
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -229,6 +261,8 @@ class CheckpointManager:
                 self._saver.close()  # a save in flight holds a completed step: let it commit
             except Exception as error:  # the exception already propagating matters more
                 log.warning("a background save failed while handling another error: %s", error)
+            finally:
+                self._release_lock()
 
 
 def _open_run_directory(directory: str | os.PathLike[str]) -> Storage:
