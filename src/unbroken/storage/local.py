@@ -20,6 +20,7 @@ import shutil
 import stat
 import uuid
 
+from .. import failpoints
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .base import ReadHandle, Staging, Storage, WriteHandle
 
@@ -43,6 +44,7 @@ class LocalWriteHandle(WriteHandle):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        failpoints.hit("file.create")
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._pending = bytearray()
 
@@ -65,6 +67,7 @@ class LocalWriteHandle(WriteHandle):
         fd = self._require_open()
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         while len(data):
+            failpoints.hit("file.write")
             written = os.write(fd, data)  # short writes happen (signals, pipes, some filesystems)
             data = data[written:]
 
@@ -78,6 +81,7 @@ class LocalWriteHandle(WriteHandle):
         fd = self._require_open()
         self._fd = None
         try:
+            failpoints.hit("file.fsync")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -136,6 +140,7 @@ class LocalStaging(Staging):
         os.mkdir(self.path)
         try:
             fsync_dir(root)
+            failpoints.hit("staging.create")
         except BaseException:
             shutil.rmtree(self.path, ignore_errors=True)
             raise
@@ -147,15 +152,25 @@ class LocalStaging(Staging):
 
     def commit(self, manifest: bytes) -> None:
         final = os.path.join(self.root, self.name)
+        failpoints.hit("manifest.write")
         tmp = LocalWriteHandle(os.path.join(self.path, "manifest.json.tmp"))
         tmp.write(memoryview(manifest))
         tmp.close()
+        failpoints.hit("manifest.rename")
         os.rename(tmp.path, os.path.join(self.path, "manifest.json"))
         fsync_dir(self.path)
         if os.path.lexists(final):  # os.rename would silently replace an empty directory
             raise CheckpointExistsError(f"{final} already exists; a committed checkpoint is never overwritten")
+        failpoints.hit("commit.rename")
         os.rename(self.path, final)
-        fsync_dir(self.root)
+        try:
+            failpoints.hit("commit.fsync")
+            fsync_dir(self.root)
+        except OSError:
+            # Not known to be durable: undo, so a save that reports failure never leaves a checkpoint.
+            self.path = os.path.join(self.root, f"{TRASH_PREFIX}{self.name}-{uuid.uuid4().hex[:12]}")
+            os.rename(final, self.path)
+            raise
 
     def abort(self) -> None:
         for handle in self._handles:
@@ -203,8 +218,10 @@ class LocalStorage(Storage):
     def delete(self, name: str) -> None:
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
         try:
+            failpoints.hit("delete.rename")
             os.rename(os.path.join(self.root, name), trash)
             fsync_dir(self.root)
+            failpoints.hit("delete.remove")
             shutil.rmtree(trash)
         except OSError as exc:
             raise StorageError(exc.errno, f"could not delete checkpoint {name} in {self.root}: {exc.strerror}") from exc
