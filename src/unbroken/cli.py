@@ -1,4 +1,4 @@
-"""The ``unbroken`` command line: ``ls``, ``show`` and ``verify``.  Uses only the public API."""
+"""The ``unbroken`` command line: ``ls``, ``show``, ``verify`` and ``run``.  Uses only the public API."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import unbroken
+from unbroken.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
 __all__ = ["main"]
 
@@ -45,7 +46,31 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check every byte of a checkpoint (or of every checkpoint of a run)")
     verify.add_argument("path")
     verify.set_defaults(run=_verify)
+    _add_run(sub)
     return parser
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser(
+        "run", help="run a training command; restart it after a crash",
+        usage="unbroken run [--dir RUN_DIR] [--max-restarts N] [--backoff SECONDS] [--max-backoff SECONDS] "
+              "-- COMMAND ...",
+        description="Run COMMAND, restart it after a crash with exponential backoff, forward SIGTERM, "
+                    "SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to it, and exit with its final status.",
+        epilog=f"Exit status: the child's. 0: done. {EXIT_PREEMPTED}: the child was pre-empted and saved; "
+               "not restarted, requeue the job. Other: a crash, restarted unless a stop signal came or "
+               "--max-restarts restarts in a row made no progress. 2: bad options. See docs/PREEMPTION.md.")
+    run.add_argument("--dir", dest="run_dir", metavar="RUN_DIR",
+                     help="the run directory the command checkpoints into; progress = a newer valid checkpoint "
+                          "there (without it every restart counts as one without progress)")
+    run.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                     help="restarts in a row without progress before giving up (default: 3)")
+    run.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
+                     help="wait before a restart; doubles with each restart in a row without progress (default: 1)")
+    run.add_argument("--max-backoff", type=float, default=60.0, metavar="SECONDS",
+                     help="the longest wait before a restart (default: 60)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after '--'")
+    run.set_defaults(run=_run)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -153,6 +178,20 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"CORRUPT  {target}: {exc}")
     print(f"{len(targets) - bad} valid, {bad} corrupt")
     return 1 if bad else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    # argparse keeps the "--" that separates our options from the command on some Python versions.
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        config = SupervisorConfig(run_dir=args.run_dir, max_restarts=args.max_restarts, backoff=args.backoff,
+                                  max_backoff=args.max_backoff)
+        if not command:
+            raise ValueError("no command to run: give it after '--', e.g. unbroken run -- python train.py")
+    except ValueError as exc:
+        print(f"unbroken run: error: {exc}", file=sys.stderr)
+        return 2
+    return supervise(command, config)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:
