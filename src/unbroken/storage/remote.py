@@ -1,0 +1,509 @@
+"""Checkpoints on object stores (S3, GCS, Azure, ``memory://``) through fsspec: no atomic rename needed.
+
+Commit protocol (docs/OBJECT_STORAGE.md):
+1. ``begin`` refuses a step whose ``manifest.json`` exists: a committed step is never overwritten;
+2. each data object goes straight to ``<run>/step_N/<file>``: a small one in one PUT (retried whole
+   with backoff), a large one through the store's multipart writer, which makes nothing visible
+   until the upload completes and is aborted (its parts dropped) on failure;
+3. ``commit`` checks again that no manifest exists, then creates ``manifest.json`` with a
+   conditional create (S3 ``If-None-Match: *``) and reads it back: the manifest is the commit
+   record, and it exists only once every data object is complete.
+Deletion removes the manifest first, so a half-deleted checkpoint never looks committed.
+``exists`` means committed (a manifest is present); ``names`` also lists uncommitted step directories.
+fsspec and its store packages are imported lazily: the rest of unbroken works without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import inspect
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
+                      UnbrokenError)
+from .base import STEP_NAME, ReadHandle, Staging, Storage, WriteHandle
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+__all__ = ["FsspecStorage", "MANIFEST"]
+
+log = logging.getLogger("unbroken")
+
+MANIFEST = "manifest.json"
+MiB = 1024 * 1024
+DEFAULT_BLOCK_SIZE = 64 * MiB  # multipart part size: 10,000 parts (S3's cap) hold 640 GB
+READ_CHUNK = 16 * MiB  # ranged GETs of one read, fetched READ_PARALLEL at a time
+READ_PARALLEL = 8
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
+# Exceptions of the transport stack: translated into StorageError; anything else (a bug) propagates.
+_TRANSPORT_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec",
+                                "urllib3", "requests", "google", "azure", "ssl", "socket", "asyncio"})
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+             "abfss": "adlfs", "adl": "adlfs", "oci": "ocifs", "hf": "huggingface_hub"}
+
+
+def display_url(url: str) -> str:
+    """``url`` without user info, query or fragment: what may appear in logs and messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")).rstrip("/")
+
+
+def redacted(options: Any) -> Any:
+    """``options`` with every credential-like value replaced by ``'***'`` (for reprs and logs)."""
+    if isinstance(options, dict):
+        return {k: "***" if _is_secret_name(k) and v is not None else redacted(v) for k, v in options.items()}
+    return options
+
+
+def _is_secret_name(name: object) -> bool:
+    return isinstance(name, str) and any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def _secret_values(options: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if _is_secret_name(k) and isinstance(v, str) and len(v) >= 4:
+                found.append(v)
+            else:
+                found.extend(_secret_values(v))
+    return found
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """An I/O failure of the store (network, HTTP, permissions), as opposed to a bug in our code."""
+    if isinstance(exc, UnbrokenError):
+        return False
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _TRANSPORT_MODULES
+
+
+def _filesystem(url: str, options: dict[str, Any]) -> tuple[AbstractFileSystem, str]:
+    protocol = urlsplit(url).scheme.lower()
+    package = _PACKAGES.get(protocol, "the fsspec implementation of this protocol")
+    try:
+        import fsspec.core
+    except ImportError:
+        raise ImportError(f"{display_url(url)}: object storage needs fsspec and {package}: "
+                          f"pip install 'unbroken[s3]' (or pip install fsspec {package})") from None
+    try:
+        return fsspec.core.url_to_fs(url, **options)
+    except ImportError as exc:
+        raise ImportError(f"{display_url(url)}: fsspec has no implementation of {protocol}:// installed: "
+                          f"pip install {package} ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{display_url(url)}: unknown storage protocol {protocol!r} ({exc})") from None
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Last-modified time of an object listing entry as UNIX time; None where the store gives none."""
+    for key in ("LastModified", "mtime", "updated", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+class _Missing(Exception):
+    """Internal: the object or prefix does not exist (where that is an answer, not an error)."""
+
+
+def _byte_view(data: memoryview) -> memoryview:
+    return data.cast("B") if data.format != "B" or data.ndim != 1 else data
+
+
+class FsspecStorage(Storage):
+    """A run on any fsspec filesystem: ``FsspecStorage("s3://bucket/run", {"profile": "ml"})``.
+
+    ``block_size``: multipart part size (S3 needs >= 5 MiB); objects smaller than it go in one PUT.
+    ``cleanup_grace_s``: an uncommitted step directory younger than this is left alone by
+    :meth:`cleanup` (it may be another process's save in progress).  ``upload_attempts``: how often a
+    whole-object PUT is tried, with exponential backoff from ``retry_backoff_s``, on transient errors
+    (on top of the store client's own per-request retries).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, create: bool = True,
+                 block_size: int = DEFAULT_BLOCK_SIZE, cleanup_grace_s: float = 3600.0,
+                 upload_attempts: int = 3, retry_backoff_s: float = 0.5) -> None:
+        if block_size <= 0 or upload_attempts < 1 or cleanup_grace_s < 0 or retry_backoff_s < 0:
+            raise ValueError("block_size and upload_attempts must be positive, cleanup_grace_s and "
+                             "retry_backoff_s non-negative")
+        self._options = dict(storage_options or {})
+        self.url = display_url(str(url))
+        self._secrets = _secret_values(self._options)
+        self.block_size, self.cleanup_grace_s = block_size, cleanup_grace_s
+        self.upload_attempts, self.retry_backoff_s = upload_attempts, retry_backoff_s
+        self.clock: Callable[[], float] = time.time  # compared with the store's timestamps by cleanup()
+        # Listings must never come from a cache: commit and cleanup decide on what exists right now.
+        self.fs, root = _filesystem(str(url), {"use_listings_cache": False, **self._options})
+        self.root = root.rstrip("/")
+        if not create and not self._objects(self.root):
+            raise CheckpointNotFoundError(f"{self.url}: no such run (no objects under it)")
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.url!r}, storage_options={redacted(self._options)!r})"
+
+    # -- paths and errors -------------------------------------------------------------------------
+    def path(self, name: str, file_name: str | None = None) -> str:
+        """The store path of a step directory or of one object in it (names are never paths)."""
+        for part in (name, file_name):
+            if part is not None and (not _NAME.match(part) or part in (".", "..")):
+                raise CorruptCheckpointError(f"{self.url}: {part!r} is not a plain name; refusing a path")
+        return f"{self.root}/{name}" if file_name is None else f"{self.root}/{name}/{file_name}"
+
+    def where(self, name: str, file_name: str | None = None) -> str:
+        return f"{self.url}/{name}" if file_name is None else f"{self.url}/{name}/{file_name}"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every credential value of the storage options blanked out."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    @contextlib.contextmanager
+    def failures(self, action: str, where: str, missing: Callable[[], Exception] | None = None) -> Iterator[None]:
+        """Translate store failures inside the block into our errors: ``missing()`` for a missing
+        object (if given), else :class:`StorageError` naming ``where`` and a fix.  Errors that are not
+        the store's (bugs) and our own errors pass through unchanged."""
+        try:
+            yield
+        except FileNotFoundError as exc:
+            if isinstance(exc, UnbrokenError):
+                raise
+            if missing is not None:
+                raise missing() from None
+            raise self.error(action, where, exc) from exc
+        except FileExistsError:
+            raise  # conditional creates report a lost race this way; the caller decides
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
+            raise self.error(action, where, exc) from exc
+
+    def error(self, action: str, where: str, exc: BaseException) -> StorageError:
+        reason = self.scrub(str(exc) or type(exc).__name__)
+        if isinstance(exc, PermissionError):
+            code, fix = errno.EACCES, ("check the credentials (environment, ~/.aws or the like, storage_options) "
+                                       "and that they allow listing, reading, writing and deleting under "
+                                       f"{self.url}")
+        elif isinstance(exc, FileNotFoundError):
+            code, fix = errno.ENOENT, f"check that the bucket of {self.url} exists (create it first) and the URL"
+        else:
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            fix = ("check the endpoint, the network and the store's status; retrying is safe: a failed "
+                   "save leaves no committed checkpoint and earlier checkpoints are intact")
+        return StorageError(code, f"{action} {where} failed: {reason}. Fix: {fix}")
+
+    # -- small operations -------------------------------------------------------------------------
+    def _objects(self, prefix: str, detail: bool = False) -> dict[str, dict[str, Any]]:
+        """Every object under ``prefix`` (path -> listing entry); empty when there is none."""
+        try:
+            with self.failures("list", self.url, missing=_Missing):
+                found = self.fs.find(prefix, detail=True)
+        except _Missing:
+            return {}
+        return {p: info for p, info in found.items() if info.get("type", "file") == "file"}
+
+    def is_object(self, path: str, where: str) -> bool:
+        try:
+            with self.failures("look up", where, missing=_Missing):
+                return bool(self.fs.info(path).get("type") == "file")
+        except _Missing:
+            return False
+
+    def remove(self, paths: list[str], where: str) -> None:
+        """Delete objects; one already gone is fine (S3 deletes are idempotent anyway)."""
+        for path in paths:
+            with contextlib.suppress(_Missing), self.failures("delete", where, missing=_Missing):
+                self.fs.rm_file(path)
+
+    def put_whole(self, path: str, data: bytes, where: str, create: bool = False) -> None:
+        """Upload one object in one request, retried with exponential backoff on transient failures
+        (a PUT of the same bytes is idempotent).  ``create``: fail with FileExistsError if it exists."""
+        for attempt in range(self.upload_attempts):
+            try:
+                with self.failures("upload", where):
+                    self._put(path, data, create)
+                return
+            except StorageError as exc:
+                permanent = isinstance(exc.__cause__, (PermissionError, FileNotFoundError))
+                if permanent or attempt + 1 == self.upload_attempts:
+                    raise
+                delay = self.retry_backoff_s * 2 ** attempt
+                log.warning("%s; retrying in %.2f s (attempt %d of %d)", exc.strerror, delay, attempt + 2,
+                            self.upload_attempts)
+                time.sleep(delay)
+
+    def _put(self, path: str, data: bytes, create: bool) -> None:
+        if not create:
+            self.fs.pipe_file(path, data)
+        elif "mode" in inspect.signature(self.fs.pipe_file).parameters:
+            self.fs.pipe_file(path, data, mode="create")  # atomic on S3 (If-None-Match: *)
+        elif self.fs.exists(path):  # no conditional create here: check-then-write, verified by the caller
+            raise FileExistsError(errno.EEXIST, "object exists", path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read_range(self, path: str, start: int, end: int, where: str) -> list[bytes]:
+        """Bytes [start, end) of an object as consecutive chunks, several ranged GETs in flight."""
+        starts = list(range(start, end, READ_CHUNK))
+        ends = [min(s + READ_CHUNK, end) for s in starts]
+        missing = lambda: CorruptCheckpointError(f"{where}: object is missing")  # noqa: E731
+        with self.failures("read", where, missing=missing):
+            if len(starts) == 1:
+                return [self.fs.cat_file(path, start=start, end=end)]
+            chunks: list[bytes] = []
+            for i in range(0, len(starts), READ_PARALLEL):
+                got = self.fs.cat_ranges([path] * len(starts[i:i + READ_PARALLEL]), starts[i:i + READ_PARALLEL],
+                                         ends[i:i + READ_PARALLEL], on_error="return")
+                for piece in got:
+                    if isinstance(piece, BaseException):
+                        raise piece
+                    chunks.append(piece)
+            return chunks
+
+    # -- the Storage interface --------------------------------------------------------------------
+    def names(self) -> list[str]:
+        try:
+            with self.failures("list", self.url, missing=_Missing):
+                entries = self.fs.ls(self.root, detail=True)
+        except _Missing:
+            return []
+        dirs = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        return sorted(d for d in dirs if _NAME.match(d) and not d.startswith("."))
+
+    def exists(self, name: str) -> bool:
+        """Whether step ``name`` is committed (its manifest exists)."""
+        return self.is_object(self.path(name, MANIFEST), self.where(name, MANIFEST))
+
+    def begin(self, name: str) -> Staging:
+        if self.exists(name):
+            raise CheckpointExistsError(f"{self.where(name)} is committed; a committed checkpoint is never overwritten")
+        return FsspecStaging(self, name)
+
+    def open(self, name: str, file_name: str) -> ReadHandle:
+        path, where = self.path(name, file_name), self.where(name, file_name)
+        try:
+            return FsspecReadHandle(self, path, where)
+        except CorruptCheckpointError:
+            if not self._objects(self.path(name)):
+                raise CheckpointNotFoundError(f"{self.where(name)}: no such checkpoint") from None
+            raise
+
+    def delete(self, name: str) -> None:
+        objects = sorted(self._objects(self.path(name)))
+        if not objects:
+            raise CheckpointNotFoundError(f"{self.where(name)}: no such checkpoint")
+        manifest = self.path(name, MANIFEST)
+        if manifest in objects:  # first: from here on the checkpoint no longer looks committed
+            self.remove([manifest], self.where(name, MANIFEST))
+        self.remove([p for p in objects if p != manifest], self.where(name))
+
+    def cleanup(self) -> list[str]:
+        """Remove step directories without a manifest whose newest object is older than the grace
+        period (a younger one may be a concurrent save in progress), and stale multipart uploads."""
+        cutoff = self.clock() - self.cleanup_grace_s
+        removed = []
+        for name in self.names():
+            if STEP_NAME.match(name) is None or self.exists(name):
+                continue
+            objects = self._objects(self.path(name))
+            times = [_mtime(info) for info in objects.values()]
+            if not objects or any(t is None or t > cutoff for t in times):
+                continue  # too young, or undatable: never removed on a guess
+            try:
+                self.remove(sorted(objects), self.where(name))
+                removed.append(name)
+            except (StorageError, CheckpointNotFoundError) as exc:
+                log.warning("cleanup: %s stays for now: %s", self.where(name), exc)
+        return removed + abort_stale_uploads(self, cutoff)
+
+
+def abort_stale_uploads(storage: FsspecStorage, cutoff: float) -> list[str]:
+    """Abort incomplete S3 multipart uploads under the run started before ``cutoff`` (a killed
+    process leaves them; S3 bills their parts until they are aborted).  Other stores: nothing."""
+    call = getattr(storage.fs, "call_s3", None)
+    split = getattr(storage.fs, "split_path", None)
+    if call is None or split is None:
+        return []
+    bucket, prefix, _ = split(storage.root + "/")
+    with storage.failures("list multipart uploads of", storage.url):
+        uploads = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    aborted = []
+    for upload in uploads:
+        initiated = _mtime({"LastModified": upload.get("Initiated")})
+        if initiated is None or initiated > cutoff:
+            continue
+        try:
+            with storage.failures("abort the multipart upload of", f"{storage.url}/{upload['Key'][len(prefix):]}"):
+                call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted.append(f"{upload['Key'][len(prefix):]} (incomplete upload)")
+        except StorageError as exc:
+            log.warning("cleanup: %s", exc)
+    return aborted
+
+
+class FsspecWriteHandle(WriteHandle):
+    """An object being uploaded.  Below ``block_size`` the bytes are buffered and PUT whole by
+    :meth:`close`; from ``block_size`` on they stream through the store's multipart writer in parts of
+    ``block_size``.  Nothing is visible under the object's name before :meth:`close` returns."""
+
+    def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
+        self._storage, self.path, self.where = storage, path, where
+        self._pending = bytearray()
+        self._file: Any = None
+        self._finished = False
+
+    def write(self, data: memoryview) -> None:
+        if self._finished:
+            raise StorageError(f"{self.where}: write after close")
+        view = _byte_view(data)
+        if self._file is None and len(self._pending) + len(view) < self._storage.block_size:
+            self._pending += view
+            return
+        if self._file is None:
+            with self._storage.failures("start the upload of", self.where):
+                self._file = self._storage.fs.open(self.path, "wb", block_size=self._storage.block_size)
+            pending, self._pending = self._pending, bytearray()
+            self._stream(memoryview(pending))
+        self._stream(view)
+
+    def _stream(self, view: memoryview) -> None:
+        step = self._storage.block_size  # slices bound the writer's buffer to about one part
+        with self._storage.failures("upload", self.where):
+            for start in range(0, len(view), step):
+                self._file.write(view[start:start + step])
+
+    def close(self) -> None:
+        if self._finished:
+            raise StorageError(f"{self.where}: closed twice")
+        if self._file is None:
+            self._storage.put_whole(self.path, bytes(self._pending), self.where)
+        else:
+            with self._storage.failures("complete the upload of", self.where):
+                self._file.close()
+        self._finished, self._pending, self._file = True, bytearray(), None
+
+    def abort(self) -> None:
+        """Discard an unfinished upload: an S3 multipart upload is aborted, so no part is kept."""
+        self._finished, self._pending = True, bytearray()
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            with self._storage.failures("abort the upload of", self.where):
+                file.discard()
+        except StorageError as exc:  # an abort must not hide the error that caused it
+            log.warning("%s; cleanup() or a bucket lifecycle rule removes the incomplete upload", exc)
+        finally:
+            _never_commit(file)
+
+    def __del__(self) -> None:
+        # Dropped without close() or abort(): the fsspec file must not complete a partial upload when
+        # it is collected.  No network here; cleanup() or a lifecycle rule aborts the upload later.
+        if getattr(self, "_file", None) is not None:
+            _never_commit(self._file)
+
+
+def _never_commit(file: Any) -> None:
+    """fsspec files complete their upload when closed or garbage collected: mark this one closed."""
+    from fsspec.spec import AbstractBufferedFile
+
+    if isinstance(file, AbstractBufferedFile):
+        file.closed = True
+
+
+class FsspecReadHandle(ReadHandle):
+    def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
+        self._storage, self.path, self.where = storage, path, where
+        with storage.failures("look up", where, missing=lambda: CorruptCheckpointError(f"{where}: object is missing")):
+            info = storage.fs.info(path)
+        if info.get("type") != "file":
+            raise CorruptCheckpointError(f"{where}: is not an object")
+        self.size = int(info["size"])
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        view = _byte_view(buffer)
+        end = offset + len(view)
+        if offset < 0 or end > self.size:
+            raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {min(max(offset, 0), self.size)})")
+        done = 0
+        for chunk in self._storage.read_range(self.path, offset, end, self.where) if len(view) else []:
+            if done + len(chunk) > len(view) or len(chunk) == 0:
+                raise CorruptCheckpointError(f"{self.where}: object changed while being read (at byte {offset + done})")
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        if done != len(view):  # the object shrank after it was opened
+            raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {offset + done})")
+
+    def close(self) -> None:
+        """Nothing to release: every read is a self-contained ranged request."""
+
+
+class FsspecStaging(Staging):
+    """Step ``name`` being written in place: its objects go straight to their final names, and it
+    counts as committed only once :meth:`commit` has created the manifest."""
+
+    def __init__(self, storage: FsspecStorage, name: str) -> None:
+        self._storage, self.name = storage, name
+        self._written: list[str] = []
+        self._handles: list[FsspecWriteHandle] = []
+        self._committed = False
+
+    def create(self, file_name: str) -> WriteHandle:
+        if file_name == MANIFEST:
+            raise ValueError(f"{MANIFEST} is written by commit(), never as a data object")
+        path = self._storage.path(self.name, file_name)
+        if self._storage.exists(self.name):  # a writer that committed since begin(): never write into it
+            raise CheckpointExistsError(f"{self._storage.where(self.name)} was committed meanwhile; not overwritten")
+        self._written.append(path)  # before any byte is sent: abort() must know every object it may leave
+        handle = FsspecWriteHandle(self._storage, path, self._storage.where(self.name, file_name))
+        self._handles.append(handle)
+        return handle
+
+    def commit(self, manifest: bytes) -> None:
+        storage, where = self._storage, self._storage.where(self.name, MANIFEST)
+        if any(not h._finished for h in self._handles):
+            raise StorageError(f"{storage.where(self.name)}: commit with an upload still open; close every file first")
+        if storage.exists(self.name):
+            raise CheckpointExistsError(f"{storage.where(self.name)} is committed; a committed checkpoint is never overwritten")
+        path = storage.path(self.name, MANIFEST)
+        try:
+            storage.put_whole(path, manifest, where, create=True)
+        except FileExistsError:
+            pass  # ours, from an attempt whose reply was lost, or another writer's: the read-back tells
+        with storage.failures("verify", where):
+            found = storage.fs.cat_file(path)
+        if found != manifest:
+            raise CheckpointExistsError(f"{storage.where(self.name)} was committed by another writer; not overwritten")
+        self._committed = True
+
+    def abort(self) -> None:
+        """Delete every object this staging wrote, unless the step is committed (by us or by another
+        writer): then nothing is touched.  Failures are logged, never raised; cleanup() retries."""
+        for handle in self._handles:
+            handle.abort()
+        if self._committed or not self._written:
+            return
+        storage = self._storage
+        try:
+            if storage.exists(self.name):
+                log.warning("%s is committed; abort leaves it untouched", storage.where(self.name))
+                return
+            storage.remove(self._written, storage.where(self.name))
+        except StorageError as exc:  # an abort must not hide the error that caused it
+            log.warning("%s; cleanup() removes them after its grace period", exc)
