@@ -163,6 +163,7 @@ def test_command_that_cannot_start(tmp_path: Path) -> None:
     assert "cannot run" in out.stderr and "No such file or directory" in out.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_leftovers_of_a_crashed_child_are_killed(tmp_path: Path) -> None:
     """A process the child left running in its group does not survive into the next attempt."""
     child = script(tmp_path, """

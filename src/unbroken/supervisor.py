@@ -165,10 +165,10 @@ class _Relay:
 
 @contextmanager
 def _handlers_installed(relay: _Relay) -> Iterator[None]:
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     try:
         for sig in sorted(_HANDLED):
-            old = signal.getsignal(sig)
+            old: Any = signal.getsignal(sig)
             if old is signal.SIG_IGN:
                 continue  # e.g. under nohup: respect it; the child inherits the ignored disposition too
             previous[sig] = signal.SIG_DFL if old is None else old
@@ -180,7 +180,7 @@ def _handlers_installed(relay: _Relay) -> Iterator[None]:
 
 
 @contextmanager
-def _handled_signals_blocked() -> Iterator[set[signal.Signals]]:
+def _handled_signals_blocked() -> Iterator[set[int]]:
     """Hold our signals back while the child is being started: a handler then always sees its pid."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
     try:
@@ -193,12 +193,13 @@ def _load_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
     except (OSError, AttributeError):
         return None  # no prctl to be had: the child then simply outlives a killed supervisor
 
 
-def _child_setup(mask: set[signal.Signals], parent: int, prctl: Callable[..., int] | None) -> Callable[[], None]:
+def _child_setup(mask: set[int], parent: int, prctl: Callable[..., int] | None) -> Callable[[], None]:
     """Runs in the child between fork and exec: no locks, no imports, no output."""
 
     def setup() -> None:
