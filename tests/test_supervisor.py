@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -172,8 +171,10 @@ def test_leftovers_of_a_crashed_child_are_killed(tmp_path: Path) -> None:
             leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
             (OUT / "leftover").write_text(str(leftover.pid))
             os._exit(1)
-        pid = int((OUT / "leftover").read_text())
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] if Path(f"/proc/{pid}").exists() else "gone"
+        try:
+            state = Path(f"/proc/{(OUT / 'leftover').read_text()}/stat").read_text().split(")")[-1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
         (OUT / "leftover_state").write_text(state)
     """)
     out = supervise_cli(*FAST, "--", sys.executable, child)
