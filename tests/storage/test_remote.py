@@ -99,6 +99,27 @@ def test_write_commit_read_round_trip(remote: FsspecStorage) -> None:
         assert bytes(piece) == large[BLOCK - 7:2 * BLOCK - 7] and handle.map() is None
 
 
+def test_reads_of_any_size_anywhere(remote: FsspecStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small reads come from a read-ahead window, large ones from parallel ranged GETs: same bytes."""
+    import random
+
+    from unbroken.storage import remote as remote_module
+
+    monkeypatch.setattr(remote_module, "READ_CHUNK", 64 * 1024)
+    data = _payload(MiB + 17)
+    _commit(remote, STEP, {DATA: data})
+    rng = random.Random(0)
+    with remote.open(STEP, DATA) as handle:
+        for _ in range(40):
+            size = rng.choice([0, 1, 8, 1000, 64 * 1024 - 1, 64 * 1024, 300_000, MiB + 17])
+            offset = rng.randrange(0, len(data) - size + 1)
+            out = bytearray(size)
+            handle.read_into(offset, memoryview(out))
+            assert bytes(out) == data[offset:offset + size], (offset, size)
+        with pytest.raises(CorruptCheckpointError, match="short read"):
+            handle.read_into(len(data) - 3, memoryview(bytearray(4)))
+
+
 def test_uncommitted_step_is_listed_but_not_committed(remote: FsspecStorage) -> None:
     staging = remote.begin(STEP)
     handle = staging.create(DATA)

@@ -428,6 +428,10 @@ def _never_commit(file: Any) -> None:
 
 
 class FsspecReadHandle(ReadHandle):
+    """Ranged reads of one object.  A read smaller than ``READ_CHUNK`` fetches ``READ_CHUNK`` bytes
+    from its offset and serves the following reads from them: the reader goes front to back (length
+    prefix, header, small tensors), and every GET costs a round trip."""
+
     def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
         self._storage, self.path, self.where = storage, path, where
         with storage.failures("look up", where, missing=lambda: CorruptCheckpointError(f"{where}: object is missing")):
@@ -435,14 +439,28 @@ class FsspecReadHandle(ReadHandle):
         if info.get("type") != "file":
             raise CorruptCheckpointError(f"{where}: is not an object")
         self.size = int(info["size"])
+        self._window: bytes | bytearray = b""
+        self._window_at = 0
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         view = _byte_view(buffer)
         end = offset + len(view)
         if offset < 0 or end > self.size:
             raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {min(max(offset, 0), self.size)})")
+        if len(view) >= READ_CHUNK:
+            self._fetch(offset, view)
+            return
+        if not self._window_at <= offset or end > self._window_at + len(self._window):
+            window = bytearray(min(self.size, offset + READ_CHUNK) - offset)
+            self._window, self._window_at = b"", offset  # never half-filled: a failed fetch leaves none
+            self._fetch(offset, memoryview(window))
+            self._window = window
+        start = offset - self._window_at
+        view[:] = memoryview(self._window)[start:start + len(view)]
+
+    def _fetch(self, offset: int, view: memoryview) -> None:
         done = 0
-        for chunk in self._storage.read_range(self.path, offset, end, self.where) if len(view) else []:
+        for chunk in self._storage.read_range(self.path, offset, offset + len(view), self.where) if len(view) else []:
             if done + len(chunk) > len(view) or len(chunk) == 0:
                 raise CorruptCheckpointError(f"{self.where}: object changed while being read (at byte {offset + done})")
             view[done:done + len(chunk)] = chunk
@@ -451,7 +469,7 @@ class FsspecReadHandle(ReadHandle):
             raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {offset + done})")
 
     def close(self) -> None:
-        """Nothing to release: every read is a self-contained ranged request."""
+        self._window = b""  # every read is a self-contained request: nothing else to release
 
 
 class FsspecStaging(Staging):
