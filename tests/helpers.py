@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from unbroken.format import seal
 
 __all__ = [
     "assert_exactly_equal", "exactly_equal", "snapshot", "make_mlp", "train", "make_optimizer",
@@ -230,3 +234,15 @@ class TensorBag:
         self.half = state["half"].clone()
         self.histogram = np.array(state["histogram"], copy=True)
         self.position = copy.deepcopy(state["position"])
+
+
+def sealed_manifest(doc: dict[str, Any]) -> bytes:
+    """A crafted manifest document as bytes that pass the manifest's own checksum, so a test reaches
+    the validation behind it (a real attacker can recompute a CRC too)."""
+    body = json.dumps({k: v for k, v in doc.items() if k != "manifest_crc32c"}, separators=(",", ":")).encode()
+    return seal(body[:-1])
+
+
+def reseal(raw: bytes) -> bytes:
+    """``raw`` manifest bytes edited in place, with their checksum member recomputed."""
+    return seal(re.sub(rb',"manifest_crc32c":[0-9]+\}\s*$', b"", raw))

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import unbroken
-from tests.helpers import assert_exactly_equal
+from tests.fuzzing import fuzz
+from tests.helpers import assert_exactly_equal, sealed_manifest
 from unbroken.errors import CorruptCheckpointError
 from unbroken.format import (MAX_HEADER_BYTES, NAME_TO_DTYPE, PREFIX_BYTES, build_header, header_length,
                              parse_header)
@@ -330,7 +331,7 @@ def _checkpoint_with_file(path: Path, content: bytes | None, size: int | None = 
     if content and len(content) >= PREFIX_BYTES:
         (length,) = struct.unpack("<Q", content[:PREFIX_BYTES])
         entry["header_crc32c"] = crc32c(content[:PREFIX_BYTES + length])
-    (path / "manifest.json").write_bytes(json.dumps(manifest).encode())
+    (path / "manifest.json").write_bytes(sealed_manifest(manifest))
     return path
 
 
@@ -400,7 +401,7 @@ def _parse_or_corrupt(body: bytes, file_size: int) -> None:
     _check_spans_consistent(spans, body, file_size)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(st.binary(max_size=300), st.integers(min_value=0, max_value=2**64))
 def test_fuzz_random_bytes(body: bytes, extra: int) -> None:
     _parse_or_corrupt(body, PREFIX_BYTES + len(body) + extra)
@@ -459,7 +460,7 @@ def test_fuzz_baseline_table_is_valid() -> None:
     assert len(parse_header(body, PREFIX_BYTES + len(body) + _VALID_DATA, "f")) == 4
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(_scalar_mutations())
 def test_fuzz_mutated_header_scalar_values(case: tuple[dict[str, Any], int]) -> None:
     table, data = case
@@ -467,7 +468,7 @@ def test_fuzz_mutated_header_scalar_values(case: tuple[dict[str, Any], int]) -> 
     _parse_or_corrupt(body, max(PREFIX_BYTES + len(body) + data, 0))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(_any_mutations())
 def test_fuzz_mutated_header_any_json_values(case: tuple[dict[str, Any], int]) -> None:
     table, data = case
@@ -475,7 +476,7 @@ def test_fuzz_mutated_header_any_json_values(case: tuple[dict[str, Any], int]) -
     _parse_or_corrupt(body, max(PREFIX_BYTES + len(body) + data, 0))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(st.data())
 def test_fuzz_byte_mutations_of_a_valid_header(data: Any) -> None:
     body = bytearray(_body(_VALID_TABLE))

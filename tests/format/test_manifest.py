@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import unbroken
-from tests.helpers import make_mlp
+from tests.fuzzing import fuzz
+from tests.helpers import make_mlp, reseal, sealed_manifest
 from unbroken.errors import CorruptCheckpointError, UnsupportedFormatError
 from unbroken.format import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, TensorEntry, check_file_name
 
@@ -40,7 +42,7 @@ def _doc(**changes: Any) -> dict[str, Any]:
 
 
 def _parse(doc: Any) -> Manifest:
-    raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    raw = doc if isinstance(doc, bytes) else sealed_manifest(doc) if isinstance(doc, dict) else json.dumps(doc).encode()
     return Manifest.from_json(raw, WHERE)
 
 
@@ -112,7 +114,7 @@ def test_invalid_json_is_refused(raw: bytes) -> None:
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_non_standard_constants_are_refused(constant: str) -> None:
-    raw = _manifest().to_json().replace(b'"loss":0.25', b'"loss":' + constant.encode())
+    raw = reseal(_manifest().to_json().replace(b'"loss":0.25', b'"loss":' + constant.encode()))
     assert constant.encode() in raw
     _corrupt(raw, constant)
 
@@ -218,7 +220,7 @@ def test_missing_required_fields_are_refused(field: str) -> None:
 
 
 def test_non_finite_created_is_refused() -> None:
-    raw = _manifest().to_json().replace(b'"created":1700000000.25', b'"created":1e400')
+    raw = reseal(_manifest().to_json().replace(b'"created":1700000000.25', b'"created":1e400'))
     _corrupt(raw, "created")
 
 
@@ -267,13 +269,13 @@ def _parse_or_corrupt(raw: bytes) -> None:
 _VALID = _manifest().to_json()
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(st.binary(max_size=400))
 def test_fuzz_random_bytes(raw: bytes) -> None:
     _parse_or_corrupt(raw)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(st.data())
 def test_fuzz_byte_mutations_of_a_valid_manifest(data: Any) -> None:
     raw = bytearray(_VALID)
@@ -320,7 +322,7 @@ def _mutated_doc(draw: Any, values: Any) -> bytes:
                 entry[draw(st.sampled_from(["file", "dtype", "shape", "offsets", "crc32c"]))] = draw(values)
             elif isinstance(entry.get(target), list) and entry[target]:
                 entry[target][draw(st.integers(0, len(entry[target]) - 1))] = draw(values)
-    return json.dumps(doc).encode()
+    return sealed_manifest(doc)
 
 
 @st.composite
@@ -333,13 +335,56 @@ def _any_mutations(draw: Any) -> bytes:
     return _mutated_doc(draw, _json)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(_scalar_mutations())
 def test_fuzz_mutated_fields_scalar_values(raw: bytes) -> None:
     _parse_or_corrupt(raw)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz
 @given(_any_mutations())
 def test_fuzz_mutated_fields_any_json_values(raw: bytes) -> None:
     _parse_or_corrupt(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest's own checksum
+# ---------------------------------------------------------------------------------------------
+
+def test_the_manifest_ends_with_its_own_checksum() -> None:
+    raw = _manifest().to_json()
+    assert raw.endswith(b"}") and b',"manifest_crc32c":' in raw[-40:]
+    assert json.loads(raw)["manifest_crc32c"] > 0  # still plain JSON for any tool
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_flipped_bit_anywhere_in_the_manifest_is_caught(seed: int) -> None:
+    # A flip in a state value (epoch 5 -> 4) would still parse as valid JSON: only the checksum sees it.
+    import random
+
+    raw = bytearray(_manifest().to_json())
+    rng = random.Random(seed)
+    offset = rng.randrange(len(raw))
+    raw[offset] ^= 1 << rng.randrange(8)
+    with pytest.raises(CorruptCheckpointError):
+        Manifest.from_json(bytes(raw), WHERE)
+
+
+def test_an_edited_state_value_names_the_checksum_mismatch() -> None:
+    raw = _manifest().to_json()
+    edited = raw.replace(b'"loss":0.25', b'"loss":0.24')
+    assert edited != raw
+    _corrupt(edited, "manifest checksum mismatch")
+
+
+def test_a_removed_checksum_is_refused_for_sealed_versions() -> None:
+    raw = _manifest().to_json()
+    stripped = re.sub(rb',"manifest_crc32c":[0-9]+\}$', b"}", raw)
+    _corrupt(stripped, "checksum (manifest_crc32c, last member) is missing")
+
+
+def test_format_1_0_manifests_without_a_checksum_still_load() -> None:
+    doc = json.loads(_manifest().to_json())
+    doc["format_version"] = "1.0"
+    del doc["manifest_crc32c"]
+    assert _parse(json.dumps(doc).encode()).format_version == "1.0"

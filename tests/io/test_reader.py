@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import unbroken
-from tests.helpers import assert_exactly_equal
+from tests.helpers import assert_exactly_equal, sealed_manifest
 from unbroken.errors import CorruptCheckpointError
 from unbroken.format import MANIFEST_NAME, PREFIX_BYTES
 from unbroken.io import read_manifest, read_tensors, verify_checkpoint
@@ -234,7 +234,7 @@ def test_manifest_pointing_outside_the_checkpoint_is_refused(saved: Path, live: 
     doc["files"] = {"../" + TENSOR_FILE: doc["files"][TENSOR_FILE]}
     for entry in doc["tensors"].values():
         entry["file"] = "../" + TENSOR_FILE
-    (saved / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (saved / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
     assert "not an allowed file name" in _load_error(saved, live)
 
 
@@ -242,7 +242,7 @@ def test_manifest_with_a_wrong_tensor_checksum(saved: Path, live: dict[str, Any]
     doc = json.loads((saved / MANIFEST_NAME).read_bytes())
     name = next(n for n, t in doc["tensors"].items() if t["offsets"][1] > t["offsets"][0])
     doc["tensors"][name]["crc32c"] ^= 1
-    (saved / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (saved / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
     message = _load_error(saved, live)
     assert "checksum" in message and repr(name) in message
 
@@ -251,7 +251,7 @@ def test_manifest_listing_a_tensor_the_file_lacks(saved: Path, live: dict[str, A
     doc = json.loads((saved / MANIFEST_NAME).read_bytes())
     name, entry = next(iter(doc["tensors"].items()))
     doc["tensors"][name + "-ghost"] = dict(entry)
-    (saved / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (saved / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
     assert "differ from the manifest" in _load_error(saved, live)
 
 
@@ -259,14 +259,14 @@ def test_manifest_disagreeing_with_header_shape(saved: Path, live: dict[str, Any
     doc = json.loads((saved / MANIFEST_NAME).read_bytes())
     name = next(n for n, t in doc["tensors"].items() if len(t["shape"]) == 2)
     doc["tensors"][name]["shape"] = list(reversed(doc["tensors"][name]["shape"])) + [1]
-    (saved / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (saved / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
     assert repr(name) in _load_error(saved, live)
 
 
 def test_state_referring_to_a_missing_tensor(saved: Path, live: dict[str, Any]) -> None:
     doc = json.loads((saved / MANIFEST_NAME).read_bytes())
     doc["state"]["model"]["value"]["0.weight"] = {"__tensor__": "no/such/tensor"}
-    (saved / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (saved / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
     assert "no/such/tensor" in _load_error(saved, live)
 
 
@@ -299,7 +299,7 @@ def test_verify_finds_a_flipped_bit(saved: Path) -> None:
 def _craft_state(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     doc = json.loads((path / MANIFEST_NAME).read_bytes())
     edit(doc["state"])
-    (path / MANIFEST_NAME).write_bytes(json.dumps(doc).encode())
+    (path / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
 
 
 def _assert_refused_untouched(path: Path, make_state: Callable[..., dict[str, Any]]) -> None:

@@ -3,6 +3,11 @@
 The manifest is written last, after every tensor file is durable, so a checkpoint directory without
 a valid manifest was never committed.  It lists each file's size and header checksum and each
 tensor's file, byte range, dtype, shape and CRC32C, so a reader can verify every byte before use.
+
+The manifest also holds the non-tensor state (epoch, data position, arguments), so it carries its
+own checksum: it ends with ``,"manifest_crc32c":N}`` where N is the CRC32C of every byte before that
+member.  The check is on raw bytes (no re-serialization), and the file stays plain JSON.  Format 1.0
+manifests (written before the checksum existed) are read without it.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import re
+
+from crc32c import crc32c
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,15 +25,17 @@ from ..gcpause import paused_gc
 from .dtypes import NAME_TO_DTYPE
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "Manifest", "MANIFEST_NAME",
-           "MAX_MANIFEST_BYTES", "check_file_name"]
+           "MAX_MANIFEST_BYTES", "check_file_name", "seal"]
 
 FORMAT_NAME = "unbroken-checkpoint"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 CHECKSUM = "crc32c"
 _VERSION = re.compile(r"^([0-9]{1,6})\.([0-9]{1,6})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+_SEAL = re.compile(rb',"manifest_crc32c":([0-9]{1,10})\}\s*$')
+_SEALED_SINCE_MINOR = 1
 
 
 def check_file_name(name: object, where: str) -> str:
@@ -86,7 +95,7 @@ class Manifest:
             f'{json.dumps(n, ensure_ascii=False)}:{{"file":{json.dumps(t.file)},"dtype":"{t.dtype}",'
             f'"shape":[{",".join(map(str, t.shape))}],"offsets":[{t.begin},{t.end}],"crc32c":{t.crc32c}}}'
             for n, t in self.tensors.items())
-        return (head[:-1] + ',"tensors":{' + tensors + "}}").encode("utf-8")
+        return seal((head[:-1] + ',"tensors":{' + tensors + "}").encode("utf-8"))
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
@@ -95,13 +104,36 @@ class Manifest:
             raise CorruptCheckpointError(f"{where}: manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} cap")
         if not raw.strip():
             raise CorruptCheckpointError(f"{where}: manifest is empty (the save was interrupted before commit)")
+        sealed = _check_seal(raw, where)
         try:
             with paused_gc():
                 doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
             raise CorruptCheckpointError(f"{where}: manifest is not valid JSON ({exc})") from None
         with paused_gc():
-            return _parse(doc, where)
+            manifest = _parse(doc, where)
+        if not sealed and int(manifest.format_version.split(".")[1]) >= _SEALED_SINCE_MINOR:
+            raise CorruptCheckpointError(f"{where}: the manifest's own checksum (manifest_crc32c, last member) is "
+                                         "missing: the file was edited or damaged")
+        return manifest
+
+
+def seal(body: bytes) -> bytes:
+    """Close an unterminated JSON object ``body`` with its checksum member (see the module docstring)."""
+    return body + b',"manifest_crc32c":' + str(crc32c(body)).encode() + b"}"
+
+
+def _check_seal(raw: bytes, where: str) -> bool:
+    """True if the manifest ends with a matching checksum; raise if it ends with a wrong one."""
+    match = _SEAL.search(raw, max(0, len(raw) - 64))  # the member is at the very end
+    if match is None:
+        return False
+    expected, found = int(match.group(1)), crc32c(raw[:match.start()])
+    if expected != found:
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch (recorded {expected:#010x}, computed "
+                                     f"{found:#010x}): the manifest was damaged or edited; this checkpoint is "
+                                     "not used")
+    return True
 
 
 def _reject_constant(name: str) -> None:
