@@ -71,9 +71,9 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("moto_server did not start within 30 s (pip install 'moto[server]')")
 
 
-def timed(fn: Callable[[], Any]) -> float:
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     return time.perf_counter() - start
 
 
@@ -109,23 +109,19 @@ def run(args: argparse.Namespace, endpoint: str) -> None:
     nbytes = 8 * numel * 4
 
     times: dict[str, list[float]] = {k: [] for k in ("ours_up", "raw_up", "ours_down", "raw_down")}
-    payload: bytes | None = None
+    payload = b""
     for rep in range(args.repeats):
-        name = step_name(rep + 1)
-        raw = f"{bucket}/raw/{rep}.bin"
-        order = ["ours", "raw"] if rep % 2 == 0 else ["raw", "ours"]
-        for who in order:
+        name, raw = step_name(rep + 1), f"{bucket}/raw/{rep}.bin"
+        for who in (["ours", "raw"] if rep % 2 == 0 else ["raw", "ours"]):  # alternate who goes first
             if who == "ours":
-                times["ours_up"].append(timed(lambda: save_checkpoint(storage, name, state, rep + 1, rng=False)))
-                times["ours_down"].append(timed(lambda: load_checkpoint(storage, name, target, rng=False)))
-                if payload is None:  # the same bytes for the baseline: our data object itself
-                    payload = fs.cat_file(storage.path(name, "rank00000.safetensors"))
+                times["ours_up"].append(timed(save_checkpoint, storage, name, state, rep + 1, rng=False))
+                times["ours_down"].append(timed(load_checkpoint, storage, name, target, rng=False))
+                # the baseline moves the same bytes: our data object itself
+                payload = payload or fs.cat_file(storage.path(name, "rank00000.safetensors"))
             else:
-                if payload is None:
-                    payload = os.urandom(nbytes)
-                data = payload
-                times["raw_up"].append(timed(lambda: fs.pipe_file(raw, data)))
-                times["raw_down"].append(timed(lambda: fs.cat_file(raw)))
+                payload = payload or os.urandom(nbytes)
+                times["raw_up"].append(timed(fs.pipe_file, raw, payload))
+                times["raw_down"].append(timed(fs.cat_file, raw))
         storage.delete(name)
         fs.rm_file(raw)
     for name, tensor in target["model"].tensors.items():
@@ -143,7 +139,8 @@ def report(args: argparse.Namespace, nbytes: int, times: dict[str, list[float]])
           f"FsspecStorage block {args.block_mb} MiB\n")
     print("| operation | FsspecStorage | plain s3fs (pipe_file / cat_file) | FsspecStorage / s3fs |")
     print("|---|---|---|---|")
-    for op, ours, raw in (("upload (save)", "ours_up", "raw_up"), ("download (load, CRC-verified)", "ours_down", "raw_down")):
+    rows = (("upload (save)", "ours_up", "raw_up"), ("download (load, CRC-verified)", "ours_down", "raw_down"))
+    for op, ours, raw in rows:
         print(f"| {op} | {rate(ours):.0f} MB/s ({statistics.median(times[ours]):.2f} s) | "
               f"{rate(raw):.0f} MB/s ({statistics.median(times[raw]):.2f} s) | {rate(ours) / rate(raw):.2f} |")
 

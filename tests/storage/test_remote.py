@@ -79,7 +79,8 @@ def _objects(storage: FsspecStorage) -> list[str]:
 
 
 def _payload(size: int, seed: int = 0) -> bytes:
-    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator).numpy().tobytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +91,7 @@ def test_write_commit_read_round_trip(remote: FsspecStorage) -> None:
     small, large = _payload(1000), _payload(2 * BLOCK + 123, seed=1)  # large: multipart on S3
     _commit(remote, STEP, {"a.bin": small, "b.bin": large}, b'{"m": 1}')
     assert remote.names() == [STEP] and remote.exists(STEP)
+    assert remote.atomic_create == remote.url.startswith("s3://")  # S3: If-None-Match; memory: verified
     assert _read(remote, STEP, "a.bin") == small
     assert _read(remote, STEP, "b.bin") == large
     assert _read(remote, STEP, MANIFEST) == b'{"m": 1}'
@@ -103,9 +105,9 @@ def test_reads_of_any_size_anywhere(remote: FsspecStorage, monkeypatch: pytest.M
     """Small reads come from a read-ahead window, large ones from parallel ranged GETs: same bytes."""
     import random
 
-    from unbroken.storage import remote as remote_module
+    from unbroken.storage import remote_files
 
-    monkeypatch.setattr(remote_module, "READ_CHUNK", 64 * 1024)
+    monkeypatch.setattr(remote_files, "READ_CHUNK", 64 * 1024)
     data = _payload(MiB + 17)
     _commit(remote, STEP, {DATA: data})
     rng = random.Random(0)
@@ -372,7 +374,7 @@ def test_server_stopped_mid_upload_then_a_retry_succeeds(s3: FsspecStorage, s3_s
 
 def test_server_stopped_before_commit(s3: FsspecStorage, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
                                       ) -> None:
-    from unbroken.storage.remote import FsspecStaging
+    from unbroken.storage.remote_files import FsspecStaging
 
     real_commit = FsspecStaging.commit
 

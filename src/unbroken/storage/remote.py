@@ -28,20 +28,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
                       UnbrokenError)
-from .base import STEP_NAME, ReadHandle, Staging, Storage, WriteHandle
+from .base import STEP_NAME, ReadHandle, Staging, Storage
+from .remote_files import MANIFEST, FsspecReadHandle, FsspecStaging
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
-__all__ = ["FsspecStorage", "MANIFEST"]
+__all__ = ["FsspecStorage", "MANIFEST", "display_url", "redacted"]
 
 log = logging.getLogger("unbroken")
 
-MANIFEST = "manifest.json"
 MiB = 1024 * 1024
 DEFAULT_BLOCK_SIZE = 64 * MiB  # multipart part size: 10,000 parts (S3's cap) hold 640 GB
-READ_CHUNK = 16 * MiB  # ranged GETs of one read, fetched READ_PARALLEL at a time
-READ_PARALLEL = 8
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
 # Exceptions of the transport stack: translated into StorageError; anything else (a bug) propagates.
@@ -118,12 +116,8 @@ def _mtime(info: dict[str, Any]) -> float | None:
     return None
 
 
-class _Missing(Exception):
+class Missing(Exception):
     """Internal: the object or prefix does not exist (where that is an answer, not an error)."""
-
-
-def _byte_view(data: memoryview) -> memoryview:
-    return data.cast("B") if data.format != "B" or data.ndim != 1 else data
 
 
 class FsspecStorage(Storage):
@@ -151,7 +145,10 @@ class FsspecStorage(Storage):
         # Listings must never come from a cache: commit and cleanup decide on what exists right now.
         self.fs, root = _filesystem(str(url), {"use_listings_cache": False, **self._options})
         self.root = root.rstrip("/")
-        if not create and not self._objects(self.root):
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        # S3 (s3fs) creates the manifest with If-None-Match: *; elsewhere a create is check-then-write.
+        self.atomic_create = bool(protocols & {"s3", "s3a"}) and self._has_create_mode()
+        if not create and not self._any_object(self.root):
             raise CheckpointNotFoundError(f"{self.url}: no such run (no objects under it)")
 
     def __repr__(self) -> str:
@@ -209,26 +206,34 @@ class FsspecStorage(Storage):
         return StorageError(code, f"{action} {where} failed: {reason}. Fix: {fix}")
 
     # -- small operations -------------------------------------------------------------------------
-    def _objects(self, prefix: str, detail: bool = False) -> dict[str, dict[str, Any]]:
+    def _objects(self, prefix: str) -> dict[str, dict[str, Any]]:
         """Every object under ``prefix`` (path -> listing entry); empty when there is none."""
         try:
-            with self.failures("list", self.url, missing=_Missing):
+            with self.failures("list", self.url, missing=Missing):
                 found = self.fs.find(prefix, detail=True)
-        except _Missing:
+        except Missing:
             return {}
         return {p: info for p, info in found.items() if info.get("type", "file") == "file"}
 
+    def _any_object(self, prefix: str) -> bool:
+        """Whether anything exists under ``prefix`` (one listing request, not a full walk)."""
+        try:
+            with self.failures("list", self.url, missing=Missing):
+                return bool(self.fs.ls(prefix))
+        except Missing:
+            return False
+
     def is_object(self, path: str, where: str) -> bool:
         try:
-            with self.failures("look up", where, missing=_Missing):
+            with self.failures("look up", where, missing=Missing):
                 return bool(self.fs.info(path).get("type") == "file")
-        except _Missing:
+        except Missing:
             return False
 
     def remove(self, paths: list[str], where: str) -> None:
         """Delete objects; one already gone is fine (S3 deletes are idempotent anyway)."""
         for path in paths:
-            with contextlib.suppress(_Missing), self.failures("delete", where, missing=_Missing):
+            with contextlib.suppress(Missing), self.failures("delete", where, missing=Missing):
                 self.fs.rm_file(path)
 
     def put_whole(self, path: str, data: bytes, where: str, create: bool = False) -> None:
@@ -248,40 +253,29 @@ class FsspecStorage(Storage):
                             self.upload_attempts)
                 time.sleep(delay)
 
+    def _has_create_mode(self) -> bool:
+        """Whether this filesystem's ``pipe_file`` takes ``mode="create"`` (recent fsspec and s3fs releases)."""
+        try:
+            return "mode" in inspect.signature(self.fs.pipe_file).parameters
+        except (TypeError, ValueError):  # no introspectable signature
+            return False
+
     def _put(self, path: str, data: bytes, create: bool) -> None:
         if not create:
             self.fs.pipe_file(path, data)
-        elif "mode" in inspect.signature(self.fs.pipe_file).parameters:
+        elif self._has_create_mode():
             self.fs.pipe_file(path, data, mode="create")  # atomic on S3 (If-None-Match: *)
         elif self.fs.exists(path):  # no conditional create here: check-then-write, verified by the caller
             raise FileExistsError(errno.EEXIST, "object exists", path)
         else:
             self.fs.pipe_file(path, data)
 
-    def read_range(self, path: str, start: int, end: int, where: str) -> list[bytes]:
-        """Bytes [start, end) of an object as consecutive chunks, several ranged GETs in flight."""
-        starts = list(range(start, end, READ_CHUNK))
-        ends = [min(s + READ_CHUNK, end) for s in starts]
-        missing = lambda: CorruptCheckpointError(f"{where}: object is missing")  # noqa: E731
-        with self.failures("read", where, missing=missing):
-            if len(starts) == 1:
-                return [self.fs.cat_file(path, start=start, end=end)]
-            chunks: list[bytes] = []
-            for i in range(0, len(starts), READ_PARALLEL):
-                got = self.fs.cat_ranges([path] * len(starts[i:i + READ_PARALLEL]), starts[i:i + READ_PARALLEL],
-                                         ends[i:i + READ_PARALLEL], on_error="return")
-                for piece in got:
-                    if isinstance(piece, BaseException):
-                        raise piece
-                    chunks.append(piece)
-            return chunks
-
     # -- the Storage interface --------------------------------------------------------------------
     def names(self) -> list[str]:
         try:
-            with self.failures("list", self.url, missing=_Missing):
+            with self.failures("list", self.url, missing=Missing):
                 entries = self.fs.ls(self.root, detail=True)
-        except _Missing:
+        except Missing:
             return []
         dirs = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
         return sorted(d for d in dirs if _NAME.match(d) and not d.startswith("."))
@@ -300,7 +294,7 @@ class FsspecStorage(Storage):
         try:
             return FsspecReadHandle(self, path, where)
         except CorruptCheckpointError:
-            if not self._objects(self.path(name)):
+            if not self._any_object(self.path(name)):
                 raise CheckpointNotFoundError(f"{self.where(name)}: no such checkpoint") from None
             raise
 
@@ -335,7 +329,8 @@ class FsspecStorage(Storage):
 
 def abort_stale_uploads(storage: FsspecStorage, cutoff: float) -> list[str]:
     """Abort incomplete S3 multipart uploads under the run started before ``cutoff`` (a killed
-    process leaves them; S3 bills their parts until they are aborted).  Other stores: nothing."""
+    process leaves them; S3 bills their parts until they are aborted).  Other stores: nothing.
+    One listing page (up to 1,000 uploads) per call: later calls get the rest."""
     call = getattr(storage.fs, "call_s3", None)
     split = getattr(storage.fs, "split_path", None)
     if call is None or split is None:
@@ -345,183 +340,14 @@ def abort_stale_uploads(storage: FsspecStorage, cutoff: float) -> list[str]:
         uploads = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
     aborted = []
     for upload in uploads:
+        relative = upload["Key"][len(prefix):]
         initiated = _mtime({"LastModified": upload.get("Initiated")})
-        if initiated is None or initiated > cutoff:
-            continue
+        if STEP_NAME.match(relative.split("/", 1)[0]) is None or initiated is None or initiated > cutoff:
+            continue  # not ours (a shared bucket), undatable, or maybe a save in progress
         try:
-            with storage.failures("abort the multipart upload of", f"{storage.url}/{upload['Key'][len(prefix):]}"):
+            with storage.failures("abort the multipart upload of", f"{storage.url}/{relative}"):
                 call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-            aborted.append(f"{upload['Key'][len(prefix):]} (incomplete upload)")
+            aborted.append(f"{relative} (incomplete upload)")
         except StorageError as exc:
             log.warning("cleanup: %s", exc)
     return aborted
-
-
-class FsspecWriteHandle(WriteHandle):
-    """An object being uploaded.  Below ``block_size`` the bytes are buffered and PUT whole by
-    :meth:`close`; from ``block_size`` on they stream through the store's multipart writer in parts of
-    ``block_size``.  Nothing is visible under the object's name before :meth:`close` returns."""
-
-    def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
-        self._storage, self.path, self.where = storage, path, where
-        self._pending = bytearray()
-        self._file: Any = None
-        self._finished = False
-
-    def write(self, data: memoryview) -> None:
-        if self._finished:
-            raise StorageError(f"{self.where}: write after close")
-        view = _byte_view(data)
-        if self._file is None and len(self._pending) + len(view) < self._storage.block_size:
-            self._pending += view
-            return
-        if self._file is None:
-            with self._storage.failures("start the upload of", self.where):
-                self._file = self._storage.fs.open(self.path, "wb", block_size=self._storage.block_size)
-            pending, self._pending = self._pending, bytearray()
-            self._stream(memoryview(pending))
-        self._stream(view)
-
-    def _stream(self, view: memoryview) -> None:
-        step = self._storage.block_size  # slices bound the writer's buffer to about one part
-        with self._storage.failures("upload", self.where):
-            for start in range(0, len(view), step):
-                self._file.write(view[start:start + step])
-
-    def close(self) -> None:
-        if self._finished:
-            raise StorageError(f"{self.where}: closed twice")
-        if self._file is None:
-            self._storage.put_whole(self.path, bytes(self._pending), self.where)
-        else:
-            with self._storage.failures("complete the upload of", self.where):
-                self._file.close()
-        self._finished, self._pending, self._file = True, bytearray(), None
-
-    def abort(self) -> None:
-        """Discard an unfinished upload: an S3 multipart upload is aborted, so no part is kept."""
-        self._finished, self._pending = True, bytearray()
-        file, self._file = self._file, None
-        if file is None:
-            return
-        try:
-            with self._storage.failures("abort the upload of", self.where):
-                file.discard()
-        except StorageError as exc:  # an abort must not hide the error that caused it
-            log.warning("%s; cleanup() or a bucket lifecycle rule removes the incomplete upload", exc)
-        finally:
-            _never_commit(file)
-
-    def __del__(self) -> None:
-        # Dropped without close() or abort(): the fsspec file must not complete a partial upload when
-        # it is collected.  No network here; cleanup() or a lifecycle rule aborts the upload later.
-        if getattr(self, "_file", None) is not None:
-            _never_commit(self._file)
-
-
-def _never_commit(file: Any) -> None:
-    """fsspec files complete their upload when closed or garbage collected: mark this one closed."""
-    from fsspec.spec import AbstractBufferedFile
-
-    if isinstance(file, AbstractBufferedFile):
-        file.closed = True
-
-
-class FsspecReadHandle(ReadHandle):
-    """Ranged reads of one object.  A read smaller than ``READ_CHUNK`` fetches ``READ_CHUNK`` bytes
-    from its offset and serves the following reads from them: the reader goes front to back (length
-    prefix, header, small tensors), and every GET costs a round trip."""
-
-    def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
-        self._storage, self.path, self.where = storage, path, where
-        with storage.failures("look up", where, missing=lambda: CorruptCheckpointError(f"{where}: object is missing")):
-            info = storage.fs.info(path)
-        if info.get("type") != "file":
-            raise CorruptCheckpointError(f"{where}: is not an object")
-        self.size = int(info["size"])
-        self._window: bytes | bytearray = b""
-        self._window_at = 0
-
-    def read_into(self, offset: int, buffer: memoryview) -> None:
-        view = _byte_view(buffer)
-        end = offset + len(view)
-        if offset < 0 or end > self.size:
-            raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {min(max(offset, 0), self.size)})")
-        if len(view) >= READ_CHUNK:
-            self._fetch(offset, view)
-            return
-        if not self._window_at <= offset or end > self._window_at + len(self._window):
-            window = bytearray(min(self.size, offset + READ_CHUNK) - offset)
-            self._window, self._window_at = b"", offset  # never half-filled: a failed fetch leaves none
-            self._fetch(offset, memoryview(window))
-            self._window = window
-        start = offset - self._window_at
-        view[:] = memoryview(self._window)[start:start + len(view)]
-
-    def _fetch(self, offset: int, view: memoryview) -> None:
-        done = 0
-        for chunk in self._storage.read_range(self.path, offset, offset + len(view), self.where) if len(view) else []:
-            if done + len(chunk) > len(view) or len(chunk) == 0:
-                raise CorruptCheckpointError(f"{self.where}: object changed while being read (at byte {offset + done})")
-            view[done:done + len(chunk)] = chunk
-            done += len(chunk)
-        if done != len(view):  # the object shrank after it was opened
-            raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {offset + done})")
-
-    def close(self) -> None:
-        self._window = b""  # every read is a self-contained request: nothing else to release
-
-
-class FsspecStaging(Staging):
-    """Step ``name`` being written in place: its objects go straight to their final names, and it
-    counts as committed only once :meth:`commit` has created the manifest."""
-
-    def __init__(self, storage: FsspecStorage, name: str) -> None:
-        self._storage, self.name = storage, name
-        self._written: list[str] = []
-        self._handles: list[FsspecWriteHandle] = []
-        self._committed = False
-
-    def create(self, file_name: str) -> WriteHandle:
-        if file_name == MANIFEST:
-            raise ValueError(f"{MANIFEST} is written by commit(), never as a data object")
-        path = self._storage.path(self.name, file_name)
-        if self._storage.exists(self.name):  # a writer that committed since begin(): never write into it
-            raise CheckpointExistsError(f"{self._storage.where(self.name)} was committed meanwhile; not overwritten")
-        self._written.append(path)  # before any byte is sent: abort() must know every object it may leave
-        handle = FsspecWriteHandle(self._storage, path, self._storage.where(self.name, file_name))
-        self._handles.append(handle)
-        return handle
-
-    def commit(self, manifest: bytes) -> None:
-        storage, where = self._storage, self._storage.where(self.name, MANIFEST)
-        if any(not h._finished for h in self._handles):
-            raise StorageError(f"{storage.where(self.name)}: commit with an upload still open; close every file first")
-        if storage.exists(self.name):
-            raise CheckpointExistsError(f"{storage.where(self.name)} is committed; a committed checkpoint is never overwritten")
-        path = storage.path(self.name, MANIFEST)
-        try:
-            storage.put_whole(path, manifest, where, create=True)
-        except FileExistsError:
-            pass  # ours, from an attempt whose reply was lost, or another writer's: the read-back tells
-        with storage.failures("verify", where):
-            found = storage.fs.cat_file(path)
-        if found != manifest:
-            raise CheckpointExistsError(f"{storage.where(self.name)} was committed by another writer; not overwritten")
-        self._committed = True
-
-    def abort(self) -> None:
-        """Delete every object this staging wrote, unless the step is committed (by us or by another
-        writer): then nothing is touched.  Failures are logged, never raised; cleanup() retries."""
-        for handle in self._handles:
-            handle.abort()
-        if self._committed or not self._written:
-            return
-        storage = self._storage
-        try:
-            if storage.exists(self.name):
-                log.warning("%s is committed; abort leaves it untouched", storage.where(self.name))
-                return
-            storage.remove(self._written, storage.where(self.name))
-        except StorageError as exc:  # an abort must not hide the error that caused it
-            log.warning("%s; cleanup() removes them after its grace period", exc)
