@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,30 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("moto_server did not start within 30 s (pip install 'moto[server]')")
 
 
+class RequestCounter:
+    """Counts the S3 API calls an s3fs filesystem makes, by operation: the filesystem's own calls go
+    through ``_call_s3``, those of its file objects (multipart uploads) through the sync ``call_s3``."""
+
+    def __init__(self, fs: Any) -> None:
+        self.counts: Counter[str] = Counter()
+        real_async, real_sync = fs._call_s3, fs.call_s3
+
+        async def counted(method: str, *args: Any, **kwargs: Any) -> Any:
+            self.counts[method] += 1
+            return await real_async(method, *args, **kwargs)
+
+        def counted_sync(method: str, *args: Any, **kwargs: Any) -> Any:
+            self.counts[method] += 1
+            return real_sync(method, *args, **kwargs)  # bound to the original _call_s3: counted once
+
+        fs._call_s3, fs.call_s3 = counted, counted_sync
+
+    def take(self) -> str:
+        out = ", ".join(f"{n} {m}" for m, n in sorted(self.counts.items()))
+        self.counts.clear()
+        return out
+
+
 def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     start = time.perf_counter()
     fn(*args, **kwargs)
@@ -109,28 +134,38 @@ def run(args: argparse.Namespace, endpoint: str) -> None:
     nbytes = 8 * numel * 4
 
     times: dict[str, list[float]] = {k: [] for k in ("ours_up", "raw_up", "ours_down", "raw_down")}
+    requests: dict[str, str] = {}
+    counter = RequestCounter(fs)
     payload = b""
     for rep in range(args.repeats):
         name, raw = step_name(rep + 1), f"{bucket}/raw/{rep}.bin"
         for who in (["ours", "raw"] if rep % 2 == 0 else ["raw", "ours"]):  # alternate who goes first
             if who == "ours":
+                counter.take()
                 times["ours_up"].append(timed(save_checkpoint, storage, name, state, rep + 1, rng=False))
+                requests["ours_up"] = counter.take()
                 times["ours_down"].append(timed(load_checkpoint, storage, name, target, rng=False))
+                requests["ours_down"] = counter.take()
                 # the baseline moves the same bytes: our data object itself
                 payload = payload or fs.cat_file(storage.path(name, "rank00000.safetensors"))
             else:
                 payload = payload or os.urandom(nbytes)
+                counter.take()
                 times["raw_up"].append(timed(fs.pipe_file, raw, payload))
+                requests["raw_up"] = counter.take()
                 times["raw_down"].append(timed(fs.cat_file, raw))
+                requests["raw_down"] = counter.take()
+                small = [timed(fs.cat_file, raw, start=0, end=MiB) for _ in range(3)]
+                times.setdefault("ranged_get", []).append(statistics.median(small))
         storage.delete(name)
         fs.rm_file(raw)
     for name, tensor in target["model"].tensors.items():
         if not torch.equal(tensor, state["model"].tensors[name]):
             raise SystemExit(f"round trip mismatch in {name}")
-    report(args, nbytes, times)
+    report(args, nbytes, times, requests)
 
 
-def report(args: argparse.Namespace, nbytes: int, times: dict[str, list[float]]) -> None:
+def report(args: argparse.Namespace, nbytes: int, times: dict[str, list[float]], requests: dict[str, str]) -> None:
     def rate(key: str) -> float:
         return nbytes / MiB / statistics.median(times[key])
 
@@ -143,6 +178,12 @@ def report(args: argparse.Namespace, nbytes: int, times: dict[str, list[float]])
     for op, ours, raw in rows:
         print(f"| {op} | {rate(ours):.0f} MB/s ({statistics.median(times[ours]):.2f} s) | "
               f"{rate(raw):.0f} MB/s ({statistics.median(times[raw]):.2f} s) | {rate(ours) / rate(raw):.2f} |")
+    print("\nS3 requests of one run:")
+    for op, ours, raw in rows:
+        print(f"- {op}: FsspecStorage {requests[ours]}; s3fs {requests[raw]}")
+    ranged_ms = statistics.median(times["ranged_get"]) * 1e3
+    print(f"\nOne 1 MiB ranged GET of the {nbytes / MiB:.0f} MiB object takes {ranged_ms:.0f} ms on this server "
+          "(moto reads and copies the whole object for every GET, then slices the range).")
 
 
 if __name__ == "__main__":
