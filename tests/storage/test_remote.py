@@ -479,3 +479,17 @@ def test_missing_fsspec_implementation_names_the_package() -> None:
 def test_is_url() -> None:
     assert is_url("s3://b/r") and is_url("memory://r") and is_url("file:///tmp/x") and is_url("simplecache::s3://b")
     assert not is_url("runs/exp1") and not is_url("/abs/path") and not is_url("C:\\runs") and not is_url("a:b")
+
+
+def test_unbroken_works_without_fsspec() -> None:
+    """fsspec is optional: local storage works without it, and a URL names what to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fsspec'] = None\n"
+            "import tempfile, unbroken\n"
+            "from unbroken.storage import open_storage\n"
+            "print(type(open_storage(tempfile.mkdtemp())).__name__)\n"
+            "try:\n    open_storage('s3://bucket/run')\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.splitlines()[0] == "LocalStorage" and "pip install 'unbroken[s3]'" in out
