@@ -232,6 +232,9 @@ def test_write_failure_discards_the_upload_and_commits_nothing(remote: FsspecSto
     with pytest.raises(RuntimeError, match="capture failed"):
         write_checkpoint(remote, STEP, plan, runs(), build_manifest(capture({}, rng=False), 1, None, None))
     assert _objects(remote) == []
+    if remote.url.startswith("s3://"):  # the multipart upload that had started is aborted, not left behind
+        listed = remote.fs.call_s3("list_multipart_uploads", Bucket=remote.root.split("/")[0])
+        assert listed.get("Uploads", []) == []
 
 
 def test_delete_removes_the_manifest_first(remote: FsspecStorage, monkeypatch: pytest.MonkeyPatch) -> None:
