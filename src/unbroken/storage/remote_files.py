@@ -53,7 +53,9 @@ def read_range(storage: FsspecStorage, path: str, start: int, end: int, where: s
 class FsspecWriteHandle(WriteHandle):
     """An object being uploaded.  Below ``block_size`` the bytes are buffered and PUT whole by
     :meth:`close`; from ``block_size`` on they stream through the store's multipart writer in parts of
-    ``block_size``.  Nothing is visible under the object's name before :meth:`close` returns."""
+    ``block_size``.  On S3 (and other multipart stores) nothing is visible under the object's name
+    before :meth:`close` returns; ``memory://`` shows it as it grows, which is harmless because only
+    the manifest commits a step."""
 
     def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
         self._storage, self.path, self.where = storage, path, where
