@@ -19,6 +19,7 @@ from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointS
                      UnbrokenError, UnserializableStateError, UnsupportedFormatError)
 from .manager import CheckpointManager
 from .oneshot import load, save
+from .preemption import EXIT_PREEMPTED, Preempted
 from .records import CheckpointRecord
 from .retention import KeepBest, KeepEvery, KeepLast
 
@@ -29,5 +30,5 @@ __all__ = [
     "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
     "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
-    "CheckpointSkippedWarning",
+    "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED",
 ]

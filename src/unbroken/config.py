@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .preemption import parse_signals
 from .retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy
 from .schedule import SaveSchedule
 
@@ -54,6 +55,21 @@ class ManagerConfig:
     lock_timeout: float = 0.0
     """Seconds to wait for another process's lock (a restarted job whose predecessor is still exiting)."""
 
+    stop_signals: tuple[str | int, ...] | None = ("SIGTERM", "SIGUSR1")
+    """Signals that mean "save and stop" (pre-emption, SLURM's ``--signal=USR1@120``): the next ``step()``
+    saves that step, waits for the commit and stops (see ``on_stop``).  None or (): no handlers."""
+    on_stop: str = "exit"
+    """How ``step()`` stops after that save: "exit" raises ``SystemExit(75)`` (``EX_TEMPFAIL``; ``unbroken
+    run`` and schedulers read it as "requeue me"), "raise" raises ``unbroken.Preempted`` to catch."""
+    max_runtime: float | None = None
+    """Seconds this manager may run (from its creation) before it saves and stops, e.g. Colab's limit."""
+    deadline: float | None = None
+    """An absolute stop time (UNIX seconds), e.g. a job's end time."""
+    deadline_from_slurm: bool = True
+    """Inside a SLURM job, also stop before the job's end time (``SLURM_JOB_END_TIME`` or ``squeue``)."""
+    deadline_margin: float = 30.0
+    """Seconds of safety on top of the longest recent step plus the longest recent save."""
+
     def __post_init__(self) -> None:
         self.schedule()  # validates every_steps / every_minutes
         self.policies()  # validates the retention settings
@@ -69,7 +85,16 @@ class ManagerConfig:
         timeout = self.lock_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, got {timeout!r}")
-        for name in ("save_on_close", "strict", "capture_rng", "async_save", "lock"):
+        if self.on_stop not in ("exit", "raise"):
+            raise ValueError(f"on_stop must be 'exit' or 'raise', got {self.on_stop!r}")
+        for name in ("max_runtime", "deadline", "deadline_margin"):
+            value = getattr(self, name)
+            if value is None and name != "deadline_margin":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        parse_signals(self.stop_signals)  # names a bad signal
+        for name in ("save_on_close", "strict", "capture_rng", "async_save", "lock", "deadline_from_slurm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
+import time
 import uuid
 import warnings
 import weakref
@@ -18,6 +20,7 @@ from .data import make_resumable, needs_adoption
 from .errors import CheckpointExistsError, StorageError
 from .format import Manifest
 from .gcpause import paused_gc
+from .preemption import EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, absolute_deadline, parse_signals
 from .records import CheckpointRecord, record_of, scan
 from .saver import Saver
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
@@ -46,13 +49,19 @@ class CheckpointManager:
                  best_mode: str = "min", keep_every: int | None = None, save_on_close: bool = True,
                  strict: bool = True, capture_rng: bool = True, metadata: Any = None, async_save: bool = True,
                  when_busy: str = "wait", staging_budget_mb: float | None = None,
-                 on_save_error: str = "raise", lock: bool = True, lock_timeout: float = 0.0) -> None:
+                 on_save_error: str = "raise", lock: bool = True, lock_timeout: float = 0.0,
+                 stop_signals: tuple[str | int, ...] | None = ("SIGTERM", "SIGUSR1"), on_stop: str = "exit",
+                 max_runtime: float | None = None, deadline: float | None = None,
+                 deadline_from_slurm: bool = True, deadline_margin: float = 30.0) -> None:
         self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
                                     keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                                     keep_every=keep_every, save_on_close=save_on_close, strict=strict,
                                     capture_rng=capture_rng, metadata=metadata, async_save=async_save,
                                     when_busy=when_busy, staging_budget_mb=staging_budget_mb,
-                                    on_save_error=on_save_error, lock=lock, lock_timeout=lock_timeout)
+                                    on_save_error=on_save_error, lock=lock, lock_timeout=lock_timeout,
+                                    stop_signals=stop_signals, on_stop=on_stop, max_runtime=max_runtime,
+                                    deadline=deadline, deadline_from_slurm=deadline_from_slurm,
+                                    deadline_margin=deadline_margin)
         for value in state.values():
             if needs_adoption(value):
                 make_resumable(value)  # in place: the caller's loader object now resumes exactly
@@ -74,6 +83,13 @@ class CheckpointManager:
             self._lock = RunLock(self.storage.root, on_takeover=self._taken_over)
             self._lock.acquire(self.config.lock_timeout)
             weakref.finalize(self, self._lock.release)  # a manager dropped without close() frees the run
+        cfg = self.config
+        self._stopwatch = StopWatch(parse_signals(cfg.stop_signals), margin=cfg.deadline_margin,
+                                    deadline=absolute_deadline(cfg.max_runtime, cfg.deadline, cfg.deadline_from_slurm))
+        self._agreement = StopAgreement()
+        self._save_started = 0.0
+        self._stopwatch.install()
+        weakref.finalize(self, self._stopwatch.uninstall)
 
     # -- resuming ---------------------------------------------------------------------------------
     def restore(self, step: int | None = None, path: str | os.PathLike[str] | None = None,
@@ -118,6 +134,10 @@ class CheckpointManager:
                              "completed steps, which only grows")
         self._last_step = step
         self._last_metrics = dict(metrics or {})
+        self._stopwatch.step_done()
+        reason = self._stop_reason()
+        if reason is not None:
+            self._stop(step, reason)
         if step in self._saved_steps or not self._schedule.due(step):
             return False
         if self.storage.exists(step_name(step)):
@@ -152,9 +172,32 @@ class CheckpointManager:
         committed = self._last_committed
         return record_of(self.storage, step_name(step), committed) if committed and committed.step == step else None
 
+    def _stop_reason(self) -> str | None:
+        local = self._stopwatch.reason()
+        if not self._agreement.active:
+            return local
+        if self._agreement.poll(local is not None):  # the same answer on every rank, at the same step
+            return local or "another rank is stopping"
+        return None
+
+    def _stop(self, step: int, reason: str) -> None:
+        """Save ``step`` (unless saved), wait for the commit, close, and leave the training loop."""
+        log.warning("stopping at step %d (%s): saving a checkpoint first", step, reason)
+        self._surface_errors(block=True)  # the save in flight (an older step) commits first
+        if step not in self._saved_steps and not self.storage.exists(step_name(step)):
+            self._start_save(step, self._last_metrics)
+            self._surface_errors(block=True)
+        self.close()
+        message = f"unbroken: stopped at step {step} ({reason}); checkpoint committed in {self.storage.url}"
+        print(message, file=sys.stderr, flush=True)
+        if self.config.on_stop == "raise":
+            raise Preempted(step, reason)
+        raise SystemExit(EXIT_PREEMPTED)
+
     def _start_save(self, step: int, metrics: dict[str, Any]) -> bool:
         """Snapshot and start writing; False if skipped (``when_busy="skip"``).  A synchronous save
         is complete, and its error raised, when this returns."""
+        self._save_started = time.monotonic()
         with paused_gc():
             snap = capture(self.state, rng=self.config.capture_rng)
             manifest = build_manifest(snap, step, metrics, self.config.metadata)
@@ -191,6 +234,7 @@ class CheckpointManager:
 
     def _after_commit(self, manifest: Manifest) -> None:
         self._last_committed = manifest
+        self._stopwatch.save_took(time.monotonic() - self._save_started)
         log.info("saved checkpoint step %d (%d bytes) to %s", manifest.step, manifest.total_bytes,
                  self.storage.url)
         self._apply_retention()
@@ -233,12 +277,16 @@ class CheckpointManager:
                 self._release_lock()
 
     def _release_lock(self) -> None:
+        """Give back what the manager holds outside itself: signal handlers, the collective, the lock."""
+        self._stopwatch.uninstall()
+        self._agreement.drain()
         if self._lock is not None:
             self._lock.release()
 
     def _taken_over(self) -> None:
         """A newer manager in this process opened our run directory: stop writing, keep nothing open."""
         self._closed, self._closed_reason = True, ": a newer CheckpointManager took over its run directory"
+        self._stopwatch.uninstall()
         try:
             self._saver.close()  # the save in flight completes a finished step: let it commit
         except Exception as error:  # that save's error belongs to the replaced manager's user

@@ -47,11 +47,10 @@ from types import FrameType
 from typing import Any
 
 from .catalog import list_checkpoints
+from .preemption import EXIT_PREEMPTED  # the status the manager exits with after a stop save
 
 __all__ = ["EXIT_PREEMPTED", "SupervisorConfig", "supervise"]
 
-#: The status with which unbroken's manager exits after a pre-emption or deadline save (``EX_TEMPFAIL``).
-EXIT_PREEMPTED = 75
 
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 _RELAYED_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGUSR2})

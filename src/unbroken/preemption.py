@@ -1,0 +1,219 @@
+"""Stop requests: pre-emption signals and wall-clock deadlines, decided at a step boundary.
+
+A signal handler runs between two bytecodes of whatever the training loop is doing (inside a
+backward pass, inside a save), so it only records the request.  The manager's next ``step()`` acts
+on it: the state is then consistent (a whole number of steps), and the save is an ordinary one.
+A second signal while that save runs only records again; nothing is interrupted.
+
+Deadlines are checked at the same place.  The manager stops early enough that one more step and
+one more save would still fit: ``remaining < longest recent step + longest recent save + margin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from types import FrameType
+from typing import Any, Union
+
+from .errors import UnbrokenError
+
+__all__ = ["EXIT_PREEMPTED", "Preempted", "StopWatch", "parse_signals", "slurm_end_time"]
+
+log = logging.getLogger("unbroken")
+
+#: The exit status after a save forced by a signal or a deadline (``EX_TEMPFAIL``: "try again later").
+EXIT_PREEMPTED = 75
+
+_Handler = Union[Callable[[int, Union[FrameType, None]], Any], int, None]
+
+
+class Preempted(UnbrokenError, RuntimeError):
+    """Raised by ``step()`` (with ``on_stop="raise"``) once the stop checkpoint is committed."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"stopped at step {step} ({reason}); its checkpoint is committed. Run the same command "
+                         "again to resume")
+        self.step, self.reason = step, reason
+
+
+def parse_signals(names: Sequence[str | int] | None) -> tuple[signal.Signals, ...]:
+    """``["SIGTERM", "USR1", 10]`` -> signals; a ValueError naming a bad entry and the accepted forms."""
+    result = []
+    for name in names or ():
+        try:
+            if isinstance(name, int) and not isinstance(name, bool):
+                result.append(signal.Signals(name))
+            elif isinstance(name, str):
+                upper = name.upper()
+                result.append(signal.Signals[upper if upper.startswith("SIG") else "SIG" + upper])
+            else:
+                raise KeyError(name)
+        except (KeyError, ValueError):
+            raise ValueError(f"stop_signals: {name!r} is not a signal; use names like 'SIGTERM', 'SIGUSR1' "
+                             "or numbers") from None
+    if any(s in (signal.SIGKILL, signal.SIGSTOP) for s in result):
+        raise ValueError("stop_signals: SIGKILL and SIGSTOP cannot be caught; a SIGKILL is survived by the "
+                         "crash-safe commit, not by a handler")
+    return tuple(dict.fromkeys(result))
+
+
+def slurm_end_time(environ: dict[str, str] | None = None) -> float | None:
+    """The SLURM job's end time (UNIX seconds), if this process runs in a job with a time limit.
+
+    ``SLURM_JOB_END_TIME`` (set by recent Slurm versions) first; else ``squeue -h -j $SLURM_JOB_ID -o %e``.
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    end = env.get("SLURM_JOB_END_TIME", "")
+    if end.isdigit() and int(end) > 0:
+        return float(end)
+    squeue = shutil.which("squeue", path=env.get("PATH"))
+    if squeue is None:
+        return None
+    try:
+        out = subprocess.run([squeue, "-h", "-j", env["SLURM_JOB_ID"], "-o", "%e"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        return datetime.fromisoformat(out.splitlines()[0]).timestamp() if out else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("could not read the SLURM job's end time (%s); no deadline from SLURM", exc)
+        return None
+
+
+class StopWatch:
+    """Collects stop requests (signals, a deadline) and says at a step boundary whether to stop."""
+
+    def __init__(self, signals: Sequence[signal.Signals], deadline: float | None, margin: float) -> None:
+        self.signals, self.deadline, self.margin = tuple(signals), deadline, margin
+        self.requested: signal.Signals | None = None
+        self._active = True
+        self._previous: dict[signal.Signals, _Handler] = {}
+        self._steps: deque[float] = deque(maxlen=20)
+        self._saves: deque[float] = deque(maxlen=5)
+        self._last_step: float | None = None
+
+    def install(self) -> None:
+        if not self.signals:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("CheckpointManager created off the main thread: stop signals %s are not handled "
+                        "(Python only allows handlers on the main thread)", [s.name for s in self.signals])
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back.  Where another handler was installed on top of ours (it
+        chains to ours), ours stays in the chain but only passes signals through from now on."""
+        self._active = False
+        for sig, previous in list(self._previous.items()):
+            if signal.getsignal(sig) == self._handle:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+                del self._previous[sig]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Only records: the save happens at the next step boundary, outside the handler.
+        sig = signal.Signals(signum)
+        previous = self._previous.get(sig)
+        if self._active:
+            if self.requested is None:
+                self.requested = sig
+            if callable(previous):  # chain to a handler installed before ours
+                previous(signum, frame)
+            return
+        # A closed manager's handler left under someone else's: behave as if it were not there.
+        if callable(previous):
+            previous(signum, frame)
+        elif previous in (signal.SIG_DFL, None):
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def step_done(self) -> None:
+        now = time.monotonic()
+        if self._last_step is not None:
+            self._steps.append(now - self._last_step)
+        self._last_step = now
+
+    def save_took(self, seconds: float) -> None:
+        self._saves.append(seconds)
+
+    def reason(self) -> str | None:
+        """Why to stop now, or None."""
+        if self.requested is not None:
+            return f"received {self.requested.name}"
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - time.time()
+        needed = max(self._steps, default=0.0) + max(self._saves, default=0.0) + self.margin
+        if remaining < needed:
+            return f"deadline in {max(remaining, 0):.0f} s, and a step plus a save take up to {needed:.0f} s"
+        return None
+
+
+def absolute_deadline(max_runtime: float | None, deadline: float | None, from_slurm: bool) -> float | None:
+    """The earliest of the configured limits, as UNIX time; None when there is none."""
+    limits = [time.time() + max_runtime] if max_runtime is not None else []
+    if deadline is not None:
+        limits.append(deadline)
+    if from_slurm:
+        end = slurm_end_time()
+        if end is not None:
+            limits.append(end)
+    finite = [x for x in limits if math.isfinite(x)]
+    return min(finite) if finite else None
+
+
+class StopAgreement:
+    """Under torch.distributed, every rank stops at the same step when any one of them must stop.
+
+    Each ``step()`` contributes its local decision to an all-reduce (MAX) on a gloo group (CPU: no GPU
+    synchronisation in the training loop) that is started at this step and read at the next one, so
+    its latency hides behind a step.  Every rank reads the same reduced value at the same step.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self._group: Any = None
+        self._pending: tuple[Any, Any] | None = None
+        if self._active:
+            # Its own gloo group: never interleaved with the training's collectives, and on CPU even
+            # when training uses NCCL.  Creating it is collective: every rank creates its manager.
+            self._group = dist.new_group(backend="gloo")
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def poll(self, local_stop: bool) -> bool:
+        """True when some rank asked to stop one step ago (every rank gets the same answer)."""
+        import torch
+
+        agreed = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = bool(flag.item())
+        flag = torch.tensor([int(local_stop)], dtype=torch.int32)
+        work = self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, flag)
+        return agreed
+
+    def drain(self) -> None:
+        """Complete the all-reduce in flight (every rank does, at close)."""
+        if self._pending is not None:
+            work, _ = self._pending
+            self._pending = None
+            work.wait()
