@@ -149,6 +149,37 @@ def test_exit_preempted_is_not_restarted(tmp_path: Path) -> None:
     assert "not restarting" in out.stderr
 
 
+def test_a_stop_save_whose_exit_status_was_lost_is_still_not_restarted(tmp_path: Path) -> None:
+    # torchrun reports a worker's 75 as 1; the manager's stop marker in the run directory tells.
+    run = tmp_path / "run"
+    child = script(tmp_path, f"""
+        import torch, unbroken
+        ckpt = unbroken.CheckpointManager({str(run)!r}, {{"w": torch.ones(2)}}, max_runtime=0.5,
+                                          deadline_margin=0.1, async_save=False)
+        try:
+            for step in range(1, 10_000):
+                time.sleep(0.02)
+                ckpt.step(step)
+        except SystemExit as stop:
+            assert stop.code == 75
+            sys.exit(1)  # what torchrun would report
+        """)
+    out = supervise_cli("--dir", run, *FAST, "--", sys.executable, child)
+    assert out.returncode == EXIT_PREEMPTED, out.stderr
+    assert attempts(tmp_path) == [0]
+    assert "treating it as pre-empted" in out.stderr
+
+
+def test_a_stale_stop_marker_does_not_hide_a_crash(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".stopped").write_text('{"step": 3, "reason": "old", "time": 1.0}')
+    child = script(tmp_path, "sys.exit(1)\n")
+    out = supervise_cli("--dir", run, "--max-restarts", "0", *FAST, "--", sys.executable, child)
+    assert out.returncode == 1
+    assert "treating it as pre-empted" not in out.stderr
+
+
 def test_success_passes_stdout_through(tmp_path: Path) -> None:
     child = script(tmp_path, "print('hello from the child')\n")
     out = supervise_cli(*FAST, "--", sys.executable, child)

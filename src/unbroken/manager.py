@@ -20,7 +20,8 @@ from .data import make_resumable, needs_adoption
 from .errors import CheckpointExistsError, StorageError
 from .format import Manifest
 from .gcpause import paused_gc
-from .preemption import EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, absolute_deadline, parse_signals
+from .preemption import (EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, absolute_deadline, parse_signals,
+                         write_stop_marker)
 from .records import CheckpointRecord, record_of, scan
 from .saver import Saver
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
@@ -188,6 +189,8 @@ class CheckpointManager:
             self._start_save(step, self._last_metrics)
             self._surface_errors(block=True)
         self.close()
+        if isinstance(self.storage, LocalStorage):
+            write_stop_marker(self.storage.root, step, reason)
         message = f"unbroken: stopped at step {step} ({reason}); checkpoint committed in {self.storage.url}"
         print(message, file=sys.stderr, flush=True)
         if self.config.on_stop == "raise":

@@ -11,6 +11,7 @@ one more save would still fit: ``remaining < longest recent step + longest recen
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,12 +28,17 @@ from typing import Any, Union
 
 from .errors import UnbrokenError
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "StopWatch", "parse_signals", "slurm_end_time"]
+__all__ = ["EXIT_PREEMPTED", "STOP_MARKER", "Preempted", "StopWatch", "parse_signals", "slurm_end_time",
+           "write_stop_marker", "read_stop_marker"]
 
 log = logging.getLogger("unbroken")
 
 #: The exit status after a save forced by a signal or a deadline (``EX_TEMPFAIL``: "try again later").
 EXIT_PREEMPTED = 75
+
+#: Written into a local run directory after a stop save.  ``torchrun`` turns a worker's exit status 75
+#: into 1, so ``unbroken run`` reads this file to tell a pre-emption from a crash.
+STOP_MARKER = ".stopped"
 
 _Handler = Union[Callable[[int, Union[FrameType, None]], Any], int, None]
 
@@ -44,6 +50,27 @@ class Preempted(UnbrokenError, RuntimeError):
         super().__init__(f"stopped at step {step} ({reason}); its checkpoint is committed. Run the same command "
                          "again to resume")
         self.step, self.reason = step, reason
+
+
+def write_stop_marker(run_dir: str, step: int, reason: str) -> None:
+    record = json.dumps({"step": step, "reason": reason, "pid": os.getpid(), "time": time.time()}).encode()
+    tmp = os.path.join(run_dir, f"{STOP_MARKER}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(record)
+        os.replace(tmp, os.path.join(run_dir, STOP_MARKER))  # whole or absent, with several ranks writing
+    except OSError as exc:  # the checkpoint is what matters; the marker only helps the supervisor
+        log.warning("could not write the stop marker in %s: %s", run_dir, exc)
+
+
+def read_stop_marker(run_dir: str, since: float) -> dict[str, Any] | None:
+    """The stop record written at or after ``since`` (UNIX time), or None."""
+    try:
+        with open(os.path.join(run_dir, STOP_MARKER), "rb") as handle:
+            record = json.loads(handle.read(4096))
+        return record if isinstance(record, dict) and float(record.get("time", 0)) >= since else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def parse_signals(names: Sequence[str | int] | None) -> tuple[signal.Signals, ...]:

@@ -47,7 +47,7 @@ from types import FrameType
 from typing import Any
 
 from .catalog import list_checkpoints
-from .preemption import EXIT_PREEMPTED  # the status the manager exits with after a stop save
+from .preemption import EXIT_PREEMPTED, read_stop_marker  # the status the manager exits with after a stop save
 
 __all__ = ["EXIT_PREEMPTED", "SupervisorConfig", "supervise"]
 
@@ -286,10 +286,11 @@ class _Supervisor:
 
     def run(self) -> int:
         while True:
+            started = time.time()
             returncode = self._attempt()
-            status = _status(returncode)
+            status = self._preempted_behind_torchrun(_status(returncode), started)
             if status in (0, EXIT_PREEMPTED) or self.relay.stop_signal is not None:
-                self._say_final(returncode)
+                self._say_final(returncode, status)
                 return status
             delay = self._restart_delay(returncode)
             if delay is None:
@@ -299,6 +300,18 @@ class _Supervisor:
                 _say(f"stopped by {_signal_name(stop)} while waiting to restart")
                 return 128 + stop
             self.restarts += 1
+
+    def _preempted_behind_torchrun(self, status: int, started: float) -> int:
+        """75 when the child's manager recorded a stop save during this attempt but the status was
+        lost on the way (``torchrun`` reports a worker's 75 as 1)."""
+        if status in (0, EXIT_PREEMPTED) or self.config.run_dir is None:
+            return status
+        record = read_stop_marker(os.fspath(self.config.run_dir), since=started)
+        if record is None:
+            return status
+        _say(f"child exited with status {status}, but its manager stopped at step {record.get('step')} "
+             f"({record.get('reason')}) with the state saved: treating it as pre-empted")
+        return EXIT_PREEMPTED
 
     def _attempt(self) -> int:
         """Run the child once; its raw return code (negative: killed by that signal)."""
@@ -369,8 +382,7 @@ class _Supervisor:
             return ""
         return f" at step {self.newest}" if self.newest is not None else " with no checkpoint yet"
 
-    def _say_final(self, returncode: int) -> None:
-        status = _status(returncode)
+    def _say_final(self, returncode: int, status: int) -> None:
         if self.relay.stop_signal is not None:
             name = _signal_name(self.relay.stop_signal)
             _say(f"stopped by {name}; the child {_describe(returncode)}; not restarting")
