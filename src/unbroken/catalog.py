@@ -11,20 +11,22 @@ from .errors import CheckpointNotFoundError
 from .format import Manifest
 from .io import read_manifest, verify_checkpoint
 from .records import CheckpointRecord, decode_metrics, record_of, scan
-from .resume import is_checkpoint_dir, split_checkpoint_path
-from .storage import LocalStorage
+from .resume import is_checkpoint_dir, open_run, split_checkpoint_path
+from .storage import is_url
 
 __all__ = ["list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo"]
 
 
-def is_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """True for a checkpoint directory (it holds a manifest), False for a run directory."""
-    return is_checkpoint_dir(path)
+def is_checkpoint(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> bool:
+    """True for a checkpoint directory or URL (it holds a manifest), False for a run directory."""
+    return is_checkpoint_dir(path, storage_options)
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str], verify: bool = False) -> list[CheckpointRecord]:
-    """Every ``step_*`` checkpoint of ``run_dir``, oldest first; ``verify`` checks every checksum."""
-    return scan(LocalStorage(run_dir, create=False), verify=verify)
+def list_checkpoints(run_dir: str | os.PathLike[str], verify: bool = False,
+                     storage_options: dict[str, Any] | None = None) -> list[CheckpointRecord]:
+    """Every ``step_*`` checkpoint of ``run_dir`` (a path or URL), oldest first; ``verify`` checks
+    every checksum.  ``storage_options`` go to fsspec for URLs (credentials, endpoint)."""
+    return scan(open_run(run_dir, storage_options), verify=verify)
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,12 @@ class CheckpointInfo:
     metrics: dict[str, Any]
 
 
-def read_info(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """The validated, decoded manifest of the checkpoint directory ``path`` (tensor data is not read)."""
-    if not is_checkpoint_dir(path):
-        raise CheckpointNotFoundError(f"{os.path.abspath(os.fspath(path))}: not a checkpoint (no manifest.json)")
-    storage, name = split_checkpoint_path(path)
+def read_info(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> CheckpointInfo:
+    """The validated, decoded manifest of the checkpoint at ``path`` (tensor data is not read)."""
+    if not is_checkpoint_dir(path, storage_options):
+        where = os.fspath(path) if is_url(path) else os.path.abspath(os.fspath(path))
+        raise CheckpointNotFoundError(f"{where}: not a checkpoint (no manifest.json)")
+    storage, name = split_checkpoint_path(path, storage_options)
     manifest = read_manifest(storage, name)
 
     def info(tensor: str) -> TensorInfo:
@@ -68,7 +71,7 @@ def read_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     return CheckpointInfo(manifest, state, decode_metrics(manifest.metrics))
 
 
-def verify(path: str | os.PathLike[str]) -> CheckpointRecord:
+def verify(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
     """Check every byte of the checkpoint at ``path``; raises :class:`CorruptCheckpointError`."""
-    storage, name = split_checkpoint_path(path)
+    storage, name = split_checkpoint_path(path, storage_options)
     return record_of(storage, name, verify_checkpoint(storage, name))

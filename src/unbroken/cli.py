@@ -1,4 +1,8 @@
-"""The ``unbroken`` command line: ``ls``, ``show``, ``verify`` and ``run``.  Uses only the public API."""
+"""The ``unbroken`` command line: ``ls``, ``show``, ``verify``, ``prune``, ``cp`` and ``run``.
+
+Every run or checkpoint argument may be a local path or a URL (``s3://bucket/run``); ``-o KEY=VALUE``
+passes fsspec storage options (an endpoint, a region) for URLs.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import unbroken
+from unbroken.cli_storage import add_cp, add_prune, add_storage_option, storage_options
 from unbroken.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
 __all__ = ["main"]
@@ -29,23 +34,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except unbroken.UnbrokenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (ValueError, ImportError) as exc:  # a bad -o option or URL, a missing fsspec backend
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unbroken", description="Inspect and verify unbroken checkpoints.")
+    parser = argparse.ArgumentParser(prog="unbroken", description="Inspect, verify, prune and copy unbroken checkpoints; "
+                                     "supervise a training command.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     ls = sub.add_parser("ls", help="list the checkpoints of a run directory")
     ls.add_argument("run_dir")
     ls.add_argument("--verify", action="store_true", help="check every checksum (reads all data)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    add_storage_option(ls)
     ls.set_defaults(run=_ls)
     show = sub.add_parser("show", help="show a checkpoint's state tree with shapes, dtypes and sizes")
     show.add_argument("checkpoint")
     show.add_argument("--values", action="store_true", help="print every non-tensor value in full")
+    add_storage_option(show)
     show.set_defaults(run=_show)
     verify = sub.add_parser("verify", help="check every byte of a checkpoint (or of every checkpoint of a run)")
     verify.add_argument("path")
+    add_storage_option(verify)
     verify.set_defaults(run=_verify)
+    add_prune(sub)
+    add_cp(sub)
     _add_run(sub)
     return parser
 
@@ -74,7 +88,7 @@ def _add_run(sub: Any) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    records = unbroken.list_checkpoints(args.run_dir, verify=args.verify)
+    records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=storage_options(args))
     if args.json:
         print(json.dumps([_record_json(r) for r in records], indent=1))
         return 0 if all(r.valid for r in records) else 1
@@ -97,7 +111,7 @@ def _record_json(r: unbroken.CheckpointRecord) -> dict[str, Any]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    info = unbroken.read_info(args.checkpoint)
+    info = unbroken.read_info(args.checkpoint, storage_options(args))
     m = info.manifest
     created = datetime.datetime.fromtimestamp(m.created).isoformat(sep=" ", timespec="seconds")
     print(f"checkpoint {args.checkpoint}")
@@ -161,17 +175,18 @@ def _tensors(value: Any) -> Iterator[unbroken.TensorInfo]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    if unbroken.is_checkpoint(args.path):
+    options = storage_options(args)
+    if unbroken.is_checkpoint(args.path, options):
         targets = [args.path]
     else:
-        targets = [r.path for r in unbroken.list_checkpoints(args.path)]
+        targets = [r.path for r in unbroken.list_checkpoints(args.path, storage_options=options)]
         if not targets:
             print(f"no checkpoints in {args.path}", file=sys.stderr)
             return 1
     bad = 0
     for target in targets:
         try:
-            record = unbroken.verify(target)
+            record = unbroken.verify(target, options)
             print(f"OK       {target}  step {record.step}, {_size(record.size)} verified")
         except (unbroken.CorruptCheckpointError, unbroken.CheckpointNotFoundError) as exc:
             bad += 1

@@ -70,6 +70,13 @@ class ManagerConfig:
     deadline_margin: float = 30.0
     """Seconds of safety on top of the longest recent step plus the longest recent save."""
 
+    mirror_to: str | None = None
+    """A second tier (``s3://bucket/run``, another path): every committed checkpoint is copied there in
+    the background; ``restore()`` downloads from it when it has a newer one (a new machine).  Upload
+    failures are logged and retried, never raised: the local checkpoint is always complete."""
+    mirror_keep_last: int | None = None
+    """Retention on the mirror: keep its N newest (None: keep everything uploaded)."""
+
     def __post_init__(self) -> None:
         self.schedule()  # validates every_steps / every_minutes
         self.policies()  # validates the retention settings
@@ -94,6 +101,11 @@ class ManagerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         parse_signals(self.stop_signals)  # names a bad signal
+        if self.mirror_to is not None and (not isinstance(self.mirror_to, str) or not self.mirror_to):
+            raise ValueError(f"mirror_to must be a URL or path string, got {self.mirror_to!r}")
+        if self.mirror_keep_last is not None and self.mirror_to is None:
+            raise ValueError("mirror_keep_last is set but mirror_to is not; set mirror_to='s3://bucket/run'")
+        self.mirror_policies()
         for name in ("save_on_close", "strict", "capture_rng", "async_save", "lock", "deadline_from_slurm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -104,6 +116,9 @@ class ManagerConfig:
 
     def schedule(self) -> SaveSchedule:
         return SaveSchedule(self.every_steps, self.every_minutes)
+
+    def mirror_policies(self) -> list[RetentionPolicy]:
+        return [KeepLast(self.mirror_keep_last)] if self.mirror_keep_last is not None else []
 
     def policies(self) -> list[RetentionPolicy]:
         policies: list[RetentionPolicy] = []

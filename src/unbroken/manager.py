@@ -28,7 +28,8 @@ from .resume import is_checkpoint_dir, restore_newest, restore_step, split_check
 from .retention import Candidate, steps_to_keep
 from .runlock import RunLock
 from .state import capture, check_state_keys
-from .storage import LocalStorage, Storage, step_name
+from .mirror import Mirror
+from .storage import LocalStorage, Storage, is_url, open_storage, step_name
 
 __all__ = ["CheckpointManager"]
 
@@ -53,7 +54,9 @@ class CheckpointManager:
                  on_save_error: str = "raise", lock: bool = True, lock_timeout: float = 0.0,
                  stop_signals: tuple[str | int, ...] | None = ("SIGTERM", "SIGUSR1"), on_stop: str = "exit",
                  max_runtime: float | None = None, deadline: float | None = None,
-                 deadline_from_slurm: bool = True, deadline_margin: float = 30.0) -> None:
+                 deadline_from_slurm: bool = True, deadline_margin: float = 30.0,
+                 storage_options: dict[str, Any] | None = None, mirror_to: str | None = None,
+                 mirror_options: dict[str, Any] | None = None, mirror_keep_last: int | None = None) -> None:
         self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
                                     keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                                     keep_every=keep_every, save_on_close=save_on_close, strict=strict,
@@ -62,13 +65,16 @@ class CheckpointManager:
                                     on_save_error=on_save_error, lock=lock, lock_timeout=lock_timeout,
                                     stop_signals=stop_signals, on_stop=on_stop, max_runtime=max_runtime,
                                     deadline=deadline, deadline_from_slurm=deadline_from_slurm,
-                                    deadline_margin=deadline_margin)
+                                    deadline_margin=deadline_margin, mirror_to=mirror_to,
+                                    mirror_keep_last=mirror_keep_last)
         for value in state.values():
             if needs_adoption(value):
                 make_resumable(value)  # in place: the caller's loader object now resumes exactly
         check_state_keys(state)
         self.state = state
-        self.storage: Storage = _open_run_directory(directory)
+        # storage_options (credentials, endpoints) go to fsspec only: never into the config, a log or a checkpoint.
+        self.storage: Storage = _open_run_directory(directory, storage_options)
+        self._mirror: Mirror | None = None
         self._schedule = self.config.schedule()
         self._policies = self.config.policies()
         self._saver = Saver(self.storage, self.config.async_save, self.config.when_busy,
@@ -91,6 +97,9 @@ class CheckpointManager:
         self._save_started = 0.0
         self._stopwatch.install()
         weakref.finalize(self, self._stopwatch.uninstall)
+        if self.config.mirror_to is not None:
+            remote = open_storage(self.config.mirror_to, mirror_options, create=True)
+            self._mirror = Mirror(self.storage, remote, self.config.mirror_policies())
 
     # -- resuming ---------------------------------------------------------------------------------
     def restore(self, step: int | None = None, path: str | os.PathLike[str] | None = None,
@@ -105,11 +114,15 @@ class CheckpointManager:
         if removed:
             log.info("removed abandoned staging/trash areas: %s", ", ".join(removed))
         if path is not None:
-            storage, name = split_checkpoint_path(path)
+            storage, name = split_checkpoint_path(path, storage_options=None)
             manifest: Manifest | None = load_checkpoint(storage, name, self.state, strict, self.config.capture_rng)
         elif step is not None:
+            if self._mirror is not None:
+                self._mirror.fetch(step)
             manifest = restore_step(self.storage, step, self.state, strict, self.config.capture_rng)
         else:
+            if self._mirror is not None:  # a new machine: the newest checkpoint may only be in the bucket
+                self._mirror.fetch()
             manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng)
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
@@ -241,14 +254,17 @@ class CheckpointManager:
         log.info("saved checkpoint step %d (%d bytes) to %s", manifest.step, manifest.total_bytes,
                  self.storage.url)
         self._apply_retention()
+        if self._mirror is not None:
+            self._mirror.submit(step_name(manifest.step))
 
     def _apply_retention(self) -> None:
         if not self._policies:
             return
         valid = [r for r in scan(self.storage) if r.valid]
         keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], self._policies)
+        uploading = self._mirror.busy if self._mirror is not None else None
         for record in valid:
-            if record.step in keep:
+            if record.step in keep or step_name(record.step) == uploading:
                 continue
             try:
                 self.storage.delete(step_name(record.step))
@@ -280,7 +296,13 @@ class CheckpointManager:
                 self._release_lock()
 
     def _release_lock(self) -> None:
-        """Give back what the manager holds outside itself: signal handlers, the collective, the lock."""
+        """Give back what the manager holds outside itself: the mirror (after its last upload), signal
+        handlers, the collective, the lock."""
+        if self._mirror is not None:
+            self._mirror.close(wait=True)
+            if self._mirror.last_error is not None:
+                log.warning("mirror: the last upload to %s failed (%s); the local checkpoints are complete",
+                            self._mirror.remote.url, self._mirror.last_error)
         self._stopwatch.uninstall()
         self._agreement.drain()
         if self._lock is not None:
@@ -316,7 +338,11 @@ class CheckpointManager:
                 self._release_lock()
 
 
-def _open_run_directory(directory: str | os.PathLike[str]) -> Storage:
+def _open_run_directory(directory: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> Storage:
+    if is_url(directory):
+        return open_storage(directory, storage_options, create=True)
+    if storage_options:
+        raise ValueError("storage_options apply to a URL run directory (s3://...), not to a local path")
     path = os.path.abspath(os.fspath(directory))
     if is_checkpoint_dir(path):
         raise ValueError(f"{path} is a single checkpoint, not a run directory; use its parent as the "

@@ -9,15 +9,23 @@ from typing import Any
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointExistsError, CheckpointNotFoundError
 from .records import CheckpointRecord, record_of
-from .resume import is_checkpoint_dir, restore_newest, split_checkpoint_path
-from .storage import LocalStorage
+from .resume import is_checkpoint_dir, open_run, restore_newest, split_checkpoint_path
+from .storage import LocalStorage, is_url
 
 __all__ = ["save", "load"]
 
 
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int = 0,
-         metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True) -> CheckpointRecord:
-    """Save ``state`` as the checkpoint directory ``path`` (crash-safe; never overwrites)."""
+         metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True,
+         storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
+    """Save ``state`` as the checkpoint directory (or URL) ``path`` (crash-safe; never overwrites)."""
+    if is_url(path):
+        parent, _, name = os.fspath(path).rstrip("/").rpartition("/")
+        storage = open_run(parent, storage_options, create=True)
+        if storage.exists(name):
+            raise CheckpointExistsError(f"{storage.url}/{name} already exists; choose a new path")
+        manifest = save_checkpoint(storage, name, state, step, metrics=metrics, metadata=metadata, rng=rng)
+        return record_of(storage, name, manifest)
     full = os.path.abspath(os.fspath(path))
     if os.path.lexists(full):
         raise CheckpointExistsError(f"{full} already exists; choose a new path (checkpoints are never overwritten)")
@@ -28,18 +36,20 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int = 
 
 
 def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, strict: bool = True,
-         rng: bool = True) -> CheckpointRecord:
+         rng: bool = True, storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
     """Verify and restore the checkpoint at ``path`` into ``state``.
 
-    ``path`` is a checkpoint directory, or a run directory (its newest valid checkpoint is used).
+    ``path`` is a checkpoint directory, or a run directory (its newest valid checkpoint is used);
+    either may be a URL (``s3://bucket/run``), with ``storage_options`` for fsspec.
     """
-    full = os.path.abspath(os.fspath(path))
-    if is_checkpoint_dir(full):
-        storage, name = split_checkpoint_path(full)
+    url = is_url(path)
+    full = os.fspath(path).rstrip("/") if url else os.path.abspath(os.fspath(path))
+    if is_checkpoint_dir(full, storage_options):
+        storage, name = split_checkpoint_path(full, storage_options)
         return record_of(storage, name, load_checkpoint(storage, name, state, strict=strict, rng=rng))
-    if not os.path.isdir(full):
+    if not url and not os.path.isdir(full):
         raise CheckpointNotFoundError(f"{full}: no such checkpoint or run directory")
-    run = LocalStorage(full, create=False)
+    run = open_run(full, storage_options)
     manifest = restore_newest(run, state, strict=strict, rng=rng)
     if manifest is None:
         raise CheckpointNotFoundError(f"{full}: holds no valid checkpoint (no manifest.json, no step_* directory)")

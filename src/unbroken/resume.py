@@ -12,9 +12,9 @@ from .checkpoint import load_checkpoint
 from .errors import (CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError,
                      PartialRestoreError)
 from .format import MANIFEST_NAME, Manifest
-from .storage import LocalStorage, Storage, parse_step_name, step_name
+from .storage import Storage, is_url, open_storage, parse_step_name, step_name
 
-__all__ = ["restore_newest", "restore_step", "split_checkpoint_path"]
+__all__ = ["restore_newest", "restore_step", "split_checkpoint_path", "open_run", "is_checkpoint_dir"]
 
 log = logging.getLogger("unbroken")
 
@@ -60,13 +60,38 @@ def restore_step(storage: Storage, step: int, state: MutableMapping[str, Any], s
     return load_checkpoint(storage, name, state, strict=strict, rng=rng)
 
 
-def split_checkpoint_path(path: str | os.PathLike[str]) -> tuple[LocalStorage, str]:
-    """A checkpoint directory path as (its parent storage, its name)."""
+def split_checkpoint_path(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+                          ) -> tuple[Storage, str]:
+    """A checkpoint (a local directory or a URL such as ``s3://bucket/run/step_000000100``) as
+    (the storage of its run directory, its name)."""
+    if is_url(path):
+        parent, name = _split_url(os.fspath(path))
+        storage = open_storage(parent, storage_options, create=False)
+        if not storage.exists(name):
+            raise CheckpointNotFoundError(f"{storage.url}/{name}: no such committed checkpoint")
+        return storage, name
     full = os.path.abspath(os.fspath(path))
     if not os.path.isdir(full):
         raise CheckpointNotFoundError(f"{full}: no such checkpoint directory")
-    return LocalStorage(os.path.dirname(full), create=False), os.path.basename(full)
+    return open_storage(os.path.dirname(full), storage_options, create=False), os.path.basename(full)
 
 
-def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+def open_run(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+             create: bool = False) -> Storage:
+    """The run directory at ``path`` (local or URL); without ``create`` a missing local one raises."""
+    return open_storage(path if is_url(path) else os.path.abspath(os.fspath(path)), storage_options, create=create)
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> bool:
+    """True for one checkpoint (it holds a manifest), False for a run directory or nothing."""
+    if is_url(path):
+        parent, name = _split_url(os.fspath(path))
+        return bool(name) and open_storage(parent, storage_options, create=False).exists(name)
     return os.path.lexists(os.path.join(os.fspath(path), MANIFEST_NAME))
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    parent, _, name = url.rstrip("/").rpartition("/")
+    if not name or parent.endswith(":/") or parent.endswith(":"):
+        raise ValueError(f"{url}: a checkpoint URL needs a parent, e.g. s3://bucket/run/step_000000100")
+    return parent, name
