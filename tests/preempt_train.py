@@ -1,7 +1,7 @@
 """A training process for the pre-emption tests: stops on signals or a deadline, resumes exactly.
 
     python tests/preempt_train.py RUN_DIR TOTAL_STEPS [--async] [--sleep S] [--big MB] [--max-runtime S]
-                                  [--margin S] [--distributed]
+                                  [--margin S] [--distributed] [--mirror URL] [--keep-local N]
 
 Writes ``START <step>``, ``STEP <n>`` after each step and ``DONE <digest>`` at the end to stdout, one
 write(2) per line.  With ``--distributed`` it joins a gloo process group from the environment
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import json
 import os
 import time
 
@@ -48,21 +49,28 @@ def main() -> None:
     parser.add_argument("--max-runtime", type=float, default=None)
     parser.add_argument("--margin", type=float, default=0.5)
     parser.add_argument("--distributed", action="store_true")
+    parser.add_argument("--mirror", help="mirror_to URL; storage options in $UNBROKEN_TEST_STORAGE_OPTIONS (JSON)")
+    parser.add_argument("--keep-local", type=int, default=2)
     args = parser.parse_args()
     run_dir = args.run_dir
     rank = 0
     if args.distributed:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         rank = torch.distributed.get_rank()
-        run_dir = os.path.join(run_dir, f"rank{rank}")
+        run_dir = f"{run_dir}/rank{rank}"
     torch.manual_seed(0)
     model: nn.Module = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     state = {"model": model, "optimizer": optimizer, "big": torch.zeros(args.big * 262144)}
-    ckpt = unbroken.CheckpointManager(run_dir, state, every_steps=1, keep_last=2, async_save=args.background,
-                                      max_runtime=args.max_runtime, deadline_margin=args.margin)
+    options = json.loads(os.environ.get("UNBROKEN_TEST_STORAGE_OPTIONS", "null"))
+    url_run = "://" in run_dir
+    ckpt = unbroken.CheckpointManager(run_dir, state, every_steps=1, keep_last=args.keep_local,
+                                      async_save=args.background, max_runtime=args.max_runtime,
+                                      deadline_margin=args.margin, mirror_to=args.mirror,
+                                      mirror_options=options if args.mirror else None,
+                                      storage_options=options if url_run else None)
     torch.manual_seed(1000 + rank)  # the data stream; restore() replaces it with the saved one
     start = ckpt.restore()
     emit(f"START {start}")
