@@ -40,8 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unbroken", description="Inspect, verify, prune and copy unbroken checkpoints; "
-                                     "supervise a training command.")
+    parser = argparse.ArgumentParser(prog="unbroken", description="Inspect, verify, prune and copy unbroken "
+                                     "checkpoints; supervise a training command.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     ls = sub.add_parser("ls", help="list the checkpoints of a run directory")
     ls.add_argument("run_dir")

@@ -17,18 +17,25 @@ from typing import Any
 from .checkpoint import build_manifest, load_checkpoint
 from .config import ManagerConfig
 from .data import make_resumable, needs_adoption
-from .errors import CheckpointExistsError, StorageError
+from .errors import CheckpointExistsError, StorageError, UnbrokenError
 from .format import Manifest
 from .gcpause import paused_gc
-from .preemption import (EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, absolute_deadline, parse_signals,
-                         write_stop_marker)
+from .mirror import Mirror
+from .preemption import (
+    EXIT_PREEMPTED,
+    Preempted,
+    StopAgreement,
+    StopWatch,
+    absolute_deadline,
+    parse_signals,
+    write_stop_marker,
+)
 from .records import CheckpointRecord, record_of, scan
-from .saver import Saver
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
 from .retention import Candidate, steps_to_keep
 from .runlock import RunLock
+from .saver import Saver
 from .state import capture, check_state_keys
-from .mirror import Mirror
 from .storage import LocalStorage, Storage, is_url, open_storage, step_name
 
 __all__ = ["CheckpointManager"]
@@ -314,7 +321,7 @@ class CheckpointManager:
         self._stopwatch.uninstall()
         try:
             self._saver.close()  # the save in flight completes a finished step: let it commit
-        except Exception as error:  # that save's error belongs to the replaced manager's user
+        except (OSError, UnbrokenError) as error:  # that save's error belongs to the replaced manager's user
             log.warning("the replaced manager's last save failed: %s", error)
 
     def _check_open(self) -> None:
@@ -332,7 +339,7 @@ class CheckpointManager:
             self._closed = True
             try:
                 self._saver.close()  # a save in flight holds a completed step: let it commit
-            except Exception as error:  # the exception already propagating matters more
+            except (OSError, UnbrokenError) as error:  # the exception already propagating matters more
                 log.warning("a background save failed while handling another error: %s", error)
             finally:
                 self._release_lock()

@@ -9,8 +9,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from .checkpoint import load_checkpoint
-from .errors import (CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError,
-                     PartialRestoreError)
+from .errors import CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError, PartialRestoreError
 from .format import MANIFEST_NAME, Manifest
 from .storage import Storage, is_url, open_storage, parse_step_name, step_name
 
