@@ -14,19 +14,9 @@ from __future__ import annotations
 from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints, read_info, verify
 from .checkpoint import __version__
 from .data import DataLoader, ResumableSampler
-from .errors import (
-                     CheckpointExistsError,
-                     CheckpointNotFoundError,
-                     CheckpointSkippedWarning,
-                     CorruptCheckpointError,
-                     PartialRestoreError,
-                     RunLockedError,
-                     StateMismatchError,
-                     StorageError,
-                     UnbrokenError,
-                     UnserializableStateError,
-                     UnsupportedFormatError,
-)
+from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
+                     CorruptCheckpointError, PartialRestoreError, RunLockedError, StateMismatchError, StorageError,
+                     UnbrokenError, UnserializableStateError, UnsupportedFormatError)
 from .manager import CheckpointManager
 from .oneshot import load, save
 from .preemption import EXIT_PREEMPTED, Preempted

@@ -21,15 +21,8 @@ from .errors import CheckpointExistsError, StorageError, UnbrokenError
 from .format import Manifest
 from .gcpause import paused_gc
 from .mirror import Mirror
-from .preemption import (
-    EXIT_PREEMPTED,
-    Preempted,
-    StopAgreement,
-    StopWatch,
-    absolute_deadline,
-    parse_signals,
-    write_stop_marker,
-)
+from .preemption import (EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, absolute_deadline, parse_signals,
+                         write_stop_marker)
 from .records import CheckpointRecord, record_of, scan
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
 from .retention import Candidate, steps_to_keep
