@@ -17,6 +17,7 @@ from .data import DataLoader, ResumableSampler
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
                      CorruptCheckpointError, PartialRestoreError, RunLockedError, StateMismatchError, StorageError,
                      UnbrokenError, UnserializableStateError, UnsupportedFormatError)
+from .maintenance import PruneResult, copy_checkpoints, prune
 from .manager import CheckpointManager
 from .oneshot import load, save
 from .preemption import EXIT_PREEMPTED, Preempted
@@ -30,5 +31,5 @@ __all__ = [
     "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
     "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
-    "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED",
+    "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
 ]

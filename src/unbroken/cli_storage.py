@@ -1,20 +1,17 @@
-"""Command-line pieces for runs on any storage: ``-o KEY=VALUE`` storage options, ``prune`` and ``cp``."""
+"""Command-line pieces for runs on any storage: ``-o KEY=VALUE`` storage options, ``prune`` and ``cp``.
+
+Like the rest of the CLI, uses only the public API (``unbroken.prune``, ``unbroken.copy_checkpoints``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from .errors import UnbrokenError
-from .records import CheckpointRecord, scan
-from .resume import open_run
-from .retention import Candidate, KeepBest, KeepEvery, KeepLast, RetentionPolicy, steps_to_keep
-from .runlock import RunLock
-from .storage import LocalStorage, Storage, is_url, step_name
-from .transfer import copy_checkpoint
+import unbroken
 
 __all__ = ["add_storage_option", "storage_options", "add_prune", "add_cp"]
 
@@ -47,10 +44,6 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options or None
 
 
-def _options_for(location: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
-    return options if is_url(location) else None
-
-
 # -- prune ----------------------------------------------------------------------------------------------
 
 def add_prune(sub: Any) -> None:
@@ -69,65 +62,24 @@ def add_prune(sub: Any) -> None:
     prune.set_defaults(run=_prune)
 
 
-def _policies(args: argparse.Namespace) -> list[RetentionPolicy]:
-    policies: list[RetentionPolicy] = []
-    if args.keep_last is not None:
-        policies.append(KeepLast(args.keep_last))
-    if args.keep_best is not None:
-        if not args.metric:
-            raise ValueError("--keep-best needs --metric NAME")
-        policies.append(KeepBest(args.keep_best, args.metric, args.mode))
-    if args.keep_every is not None:
-        policies.append(KeepEvery(args.keep_every))
-    return policies
-
-
 def _prune(args: argparse.Namespace) -> int:
     try:
-        policies = _policies(args)
-        options = storage_options(args)
+        result = unbroken.prune(args.run_dir, keep_last=args.keep_last, keep_best=args.keep_best,
+                                best_metric=args.metric, best_mode=args.mode, keep_every=args.keep_every,
+                                invalid=args.invalid, dry_run=args.dry_run, storage_options=storage_options(args))
     except ValueError as exc:
         print(f"unbroken prune: error: {exc}", file=sys.stderr)
         return 2
-    if not policies and not args.invalid:
-        print("unbroken prune: error: give a rule (--keep-last, --keep-best, --keep-every) or --invalid",
-              file=sys.stderr)
-        return 2
-    storage = open_run(args.run_dir, _options_for(args.run_dir, options))
-    lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
-    if lock is not None:
-        lock.acquire(0)  # a running manager applies its own retention: never prune under it
-    try:
-        return _prune_storage(storage, policies, args.invalid, args.dry_run)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _prune_storage(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry_run: bool) -> int:
-    records = scan(storage)
-    valid = [r for r in records if r.valid]
-    keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], policies) if policies else {
-        r.step for r in valid}
-    doomed: list[CheckpointRecord] = [r for r in valid if r.step not in keep]
-    doomed += [r for r in records if not r.valid] if invalid else []
-    verb = "would delete" if dry_run else "deleted"
-    failed = 0
-    for record in sorted(doomed, key=lambda r: r.step):
-        if not dry_run:
-            try:
-                storage.delete(step_name(record.step))
-            except OSError as exc:
-                failed += 1
-                print(f"FAILED   step {record.step}: {exc}")
-                continue
-        print(f"{verb:<12} step {record.step}{'' if record.valid else ' (invalid: ' + str(record.problem) + ')'}")
-    if not dry_run:
-        for leftover in storage.cleanup():
-            print(f"removed      {leftover} (abandoned partial save)")
-    kept = sorted(r.step for r in valid if r not in doomed)
-    print(f"kept {len(kept)} checkpoint(s): {kept}")
-    return 1 if failed else 0
+    verb = "would delete" if args.dry_run else "deleted"
+    for record in result.deleted:
+        problem = "" if record.valid else f" (invalid: {record.problem})"
+        print(f"{verb:<12} step {record.step}{problem}")
+    for record, error in result.failed:
+        print(f"FAILED       step {record.step}: {error}")
+    for leftover in result.removed_partial:
+        print(f"removed      {leftover} (abandoned partial save)")
+    print(f"kept {len(result.kept)} checkpoint(s): {[r.step for r in result.kept]}")
+    return 1 if result.failed else 0
 
 
 # -- cp -------------------------------------------------------------------------------------------------
@@ -152,41 +104,33 @@ def _cp(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"unbroken cp: error: {exc}", file=sys.stderr)
         return 2
-    source = open_run(args.src, _options_for(args.src, options))
-    dest = open_run(args.dst if is_url(args.dst) else os.path.abspath(args.dst), _options_for(args.dst, options),
-                    create=True)
-    steps = sorted(r.step for r in scan(source) if r.valid)
-    if args.step is not None:
-        steps = [s for s in steps if s == args.step]
-    elif args.latest:
-        steps = steps[-1:]
-    if not steps:
-        print(f"no valid checkpoint to copy in {source.url}", file=sys.stderr)
+    bars: list[_ProgressBar] = []
+
+    def progress(name: str, total: int) -> Callable[[int], None] | None:
+        for bar in bars:
+            bar.close()
+        bars[:] = [_ProgressBar(name, total, enabled=not args.no_progress)]
+        return bars[0].update
+
+    try:
+        results = unbroken.copy_checkpoints(args.src, args.dst, step=args.step, latest=args.latest,
+                                            storage_options=options, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    if not results:
+        print(f"no valid checkpoint to copy in {args.src}", file=sys.stderr)
         return 1
-    failed = 0
-    for step in steps:
-        failed += _copy_one(source, dest, step, show_progress=not args.no_progress)
-    return 1 if failed else 0
-
-
-def _copy_one(source: Storage, dest: Storage, step: int, show_progress: bool) -> int:
-    name = step_name(step)
-    total = sum(r.size for r in scan(source) if r.step == step)
-    with _progress_bar(name, total, show_progress) as advance:
-        try:
-            result = copy_checkpoint(source, dest, name, verify_source=not is_url(source.url),
-                                     progress=advance)
-        except (OSError, UnbrokenError) as exc:
-            print(f"FAILED   {name}: {exc}", file=sys.stderr)
-            return 1
-    if result.copied:
-        print(f"copied   {name}  {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s)")
-    else:
-        print(f"present  {name}  (already committed at {dest.url})")
+    for result in results:
+        if result.copied:
+            print(f"copied   {result.name}  {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
+                  f"({result.mb_per_s:.0f} MB/s)")
+        else:
+            print(f"present  {result.name}  (already committed at {args.dst})")
     return 0
 
 
-class _progress_bar:  # noqa: N801 - used as a context manager like a function
+class _ProgressBar:
     """A tqdm bar on stderr when tqdm is installed and asked for; otherwise nothing."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
@@ -199,10 +143,11 @@ class _progress_bar:  # noqa: N801 - used as a context manager like a function
             self.bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
                             file=sys.stderr, leave=False)
 
-    def __enter__(self) -> Any:
-        return self.bar.update if self.bar is not None else None
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
+            self.bar = None

@@ -53,9 +53,10 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, timeout: float = 0.0) -> None:
-        """Take the lock, waiting up to ``timeout`` seconds for a live holder to exit."""
-        self._take_over_in_process()
+    def acquire(self, timeout: float = 0.0, take_over: bool = True) -> None:
+        """Take the lock, waiting up to ``timeout`` seconds for a live holder to exit.  A holder in this
+        process is taken over (``take_over``) or makes it fail like one in another process."""
+        self._take_over_in_process(take_over)
         fd = self._open()
         deadline = time.monotonic() + timeout
         try:
@@ -79,11 +80,14 @@ class RunLock:
             fd, self._fd = self._fd, None
             os.close(fd)  # releases the record lock (the only descriptor of the file we open)
 
-    def _take_over_in_process(self) -> None:
+    def _take_over_in_process(self, take_over: bool) -> None:
         with _HELD_GUARD:
             earlier = _HELD.get(self.path)
         if earlier is None or earlier is self:
             return
+        if not take_over:
+            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by a CheckpointManager in this process; "
+                                 "close() it first")
         warnings.warn(f"{os.path.dirname(self.path)} was held by an earlier CheckpointManager in this process; "
                       "it finishes its save in flight and is closed now (call close() on a manager you replace "
                       "to avoid this warning)", RuntimeWarning, stacklevel=4)

@@ -1,0 +1,110 @@
+"""Looking after a run outside training: prune it by retention rules, copy its checkpoints elsewhere.
+
+Both work on local paths and URLs.  Pruning a local run takes its run lock, so it never runs under
+a live manager (which applies its own retention).  A copy is committed at the destination like a
+save (manifest last) and verified; steps the destination already has are not copied again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .records import CheckpointRecord, scan
+from .resume import open_run
+from .retention import Candidate, KeepBest, KeepEvery, KeepLast, RetentionPolicy, steps_to_keep
+from .runlock import RunLock
+from .storage import LocalStorage, Storage, is_url, step_name
+from .transfer import CopyResult, copy_checkpoint
+
+__all__ = ["PruneResult", "prune", "copy_checkpoints"]
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    deleted: list[CheckpointRecord]
+    kept: list[CheckpointRecord]
+    failed: list[tuple[CheckpointRecord, str]]
+    removed_partial: list[str]
+
+
+def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep_best: int | None = None,
+          best_metric: str | None = None, best_mode: str = "min", keep_every: int | None = None,
+          invalid: bool = False, dry_run: bool = False, storage_options: dict[str, Any] | None = None
+          ) -> PruneResult:
+    """Delete the checkpoints no rule keeps (the newest valid one always stays), and with ``invalid``
+    those that fail validation; abandoned partial saves are removed.  ``dry_run`` deletes nothing."""
+    policies = _policies(keep_last, keep_best, best_metric, best_mode, keep_every)
+    if not policies and not invalid:
+        raise ValueError("prune needs a rule (keep_last, keep_best, keep_every) or invalid=True")
+    storage = open_run(run_dir, storage_options)
+    lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
+    if lock is not None:
+        lock.acquire(0, take_over=False)  # RunLockedError while a manager is writing there
+    try:
+        return _prune(storage, policies, invalid, dry_run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _policies(keep_last: int | None, keep_best: int | None, best_metric: str | None, best_mode: str,
+              keep_every: int | None) -> list[RetentionPolicy]:
+    policies: list[RetentionPolicy] = []
+    if keep_last is not None:
+        policies.append(KeepLast(keep_last))
+    if keep_best is not None:
+        if not best_metric:
+            raise ValueError("keep_best needs best_metric (the metric that ranks checkpoints)")
+        policies.append(KeepBest(keep_best, best_metric, best_mode))
+    if keep_every is not None:
+        policies.append(KeepEvery(keep_every))
+    return policies
+
+
+def _prune(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry_run: bool) -> PruneResult:
+    records = scan(storage)
+    valid = [r for r in records if r.valid]
+    keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], policies) if policies else {
+        r.step for r in valid}
+    doomed = [r for r in valid if r.step not in keep] + ([r for r in records if not r.valid] if invalid else [])
+    deleted, failed = [], []
+    for record in sorted(doomed, key=lambda r: r.step):
+        try:
+            if not dry_run:
+                storage.delete(step_name(record.step))
+            deleted.append(record)
+        except OSError as exc:
+            failed.append((record, str(exc)))
+    removed = [] if dry_run else storage.cleanup()
+    kept = [r for r in records if r not in doomed]
+    return PruneResult(deleted, kept, failed, removed)
+
+
+def copy_checkpoints(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, step: int | None = None,
+                     latest: bool = False, storage_options: dict[str, Any] | None = None,
+                     progress: Callable[[str, int], Callable[[int], None] | None] | None = None
+                     ) -> list[CopyResult]:
+    """Copy the valid checkpoints of run ``src`` (or only ``step``, or only the newest) into run ``dst``.
+
+    ``storage_options`` apply to whichever side is a URL.  ``progress(name, total_bytes)`` may return a
+    callback that receives the bytes copied.  Raises on the first failed copy; what was committed
+    before it stays committed.
+    """
+    source = open_run(src, storage_options if is_url(src) else None)
+    dest = open_run(dst, storage_options if is_url(dst) else None, create=True)
+    records = [r for r in scan(source) if r.valid]
+    if step is not None:
+        records = [r for r in records if r.step == step]
+    elif latest:
+        records = records[-1:]
+    results = []
+    for record in records:
+        name = step_name(record.step)
+        advance = progress(name, record.size) if progress is not None else None
+        # A local source is verified before upload; a remote one is verified where it lands.
+        results.append(copy_checkpoint(source, dest, name, verify_source=isinstance(source, LocalStorage),
+                                       progress=advance))
+    return results
