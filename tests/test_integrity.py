@@ -22,6 +22,7 @@ from torch import nn
 from tests.helpers import reseal
 from unbroken import CheckpointManager, CheckpointSkippedWarning
 from unbroken.cli import main as cli_main
+from unbroken.format import FORMAT_VERSION
 
 DATA = "rank00000.safetensors"
 MANIFEST = "manifest.json"
@@ -72,7 +73,7 @@ def flip_data_area(rng: random.Random, file: Path) -> str:
 
 def future_version(rng: random.Random, file: Path) -> str:
     doc = file.read_bytes()
-    file.write_bytes(reseal(doc.replace(b'"format_version":"1.1"', b'"format_version":"2.0"')))
+    file.write_bytes(reseal(doc.replace(f'"format_version":"{FORMAT_VERSION}"'.encode(), b'"format_version":"2.0"')))
     return "format 2.0"
 
 
@@ -122,4 +123,4 @@ def test_an_intact_run_verifies(template: Path, capsys: pytest.CaptureFixture[st
     assert cli_main(["verify", str(template)]) == 0
     assert "2 valid, 0 corrupt" in capsys.readouterr().out
     manifest = json.loads((template / "step_000000002" / MANIFEST).read_bytes())
-    assert manifest["format_version"] == "1.1"
+    assert manifest["format_version"] == FORMAT_VERSION

@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointExistsError",
     "StorageError",
     "RunLockedError",
+    "DistributedError",
     "CheckpointSkippedWarning",
 ]
 
@@ -60,6 +61,11 @@ class StorageError(UnbrokenError, OSError):
 
 class RunLockedError(UnbrokenError, RuntimeError):
     """Another live process holds the run directory: two writers must never share one run."""
+
+
+class DistributedError(UnbrokenError, RuntimeError):
+    """Under torch.distributed: another rank failed, died or timed out during a collective save or
+    restore step (the message names the rank), or the ranks' states do not fit together."""
 
 
 class CheckpointSkippedWarning(UserWarning):

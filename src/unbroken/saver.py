@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
+
+import torch
 
 from .errors import StorageError
 from .format import Manifest
@@ -51,20 +53,29 @@ class Saver:
             return None
         self.wait()
         with paused_gc():
-            plan = FilePlan.build(snap.tensors)
+            tensors = self._file_tensors(snap)
+            plan = FilePlan.build(tensors)
         if self._stager is None:
-            runs = live_runs(plan, snap.tensors)
+            runs = live_runs(plan, tensors)
             future = self._writer.submit(lambda: self._commit(name, step, plan, runs, manifest))
         else:
-            staged = StagedSave(self._stager, plan, snap.tensors)
+            staged = StagedSave(self._stager, plan, tensors)
             future = self._writer.submit(lambda: self._commit(name, step, plan, staged.runs(), manifest))
             staged.fill(future)  # returns once the state is copied: training may modify it again
         self._pending = (step, future)
         return future
 
+    def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
+        """The tensors this process writes (a rank of a distributed save writes only its part)."""
+        return snap.tensors
+
+    def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
+        """Write and commit checkpoint ``name``; its committed manifest."""
+        return write_checkpoint(self.storage, name, plan, runs, manifest)
+
     def _commit(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
         try:
-            committed = write_checkpoint(self.storage, name, plan, runs, manifest)
+            committed = self._write(name, step, plan, runs, manifest)
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise

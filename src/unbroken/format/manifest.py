@@ -8,6 +8,11 @@ The manifest also holds the non-tensor state (epoch, data position, arguments), 
 own checksum: it ends with ``,"manifest_crc32c":N}`` where N is the CRC32C of every byte before that
 member.  The check is on raw bytes (no re-serialization), and the file stays plain JSON.  Format 1.0
 manifests (written before the checksum existed) are read without it.
+
+Format 1.2 adds what a checkpoint saved by several ranks needs (all optional, so 1.0/1.1 manifests
+read as before): ``rank_state`` (the state entries each rank saved for itself), ``sharded`` (tensors
+stored as shards with their global offsets) and per-block checksums of large tensors, which let a
+rank verify the byte range it reads without reading the whole tensor.
 """
 
 from __future__ import annotations
@@ -15,20 +20,20 @@ from __future__ import annotations
 import json
 import math
 import re
-
-from crc32c import crc32c
 from dataclasses import dataclass, field
 from typing import Any
+
+from crc32c import crc32c
 
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ..gcpause import paused_gc
 from .dtypes import NAME_TO_DTYPE
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "Manifest", "MANIFEST_NAME",
-           "MAX_MANIFEST_BYTES", "check_file_name", "seal"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "ShardEntry", "ShardedTensor", "Manifest",
+           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "check_file_name", "seal"]
 
 FORMAT_NAME = "unbroken-checkpoint"
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 CHECKSUM = "crc32c"
@@ -36,6 +41,7 @@ _VERSION = re.compile(r"^([0-9]{1,6})\.([0-9]{1,6})$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 _SEAL = re.compile(rb',"manifest_crc32c":([0-9]{1,10})\}\s*$')
 _SEALED_SINCE_MINOR = 1
+MAX_BLOCKS = 1 << 24
 
 
 def check_file_name(name: object, where: str) -> str:
@@ -59,6 +65,34 @@ class TensorEntry:
     begin: int
     end: int
     crc32c: int
+    block_bytes: int = 0
+    """With ``block_crc32c``: the tensor's bytes checksummed per block of this size (0: no blocks)."""
+    block_crc32c: tuple[int, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One stored piece of a sharded tensor: the tensor holding it, and where it sits in the whole."""
+
+    tensor: str
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardedTensor:
+    """A tensor saved as shards (a DTensor): its global dtype and shape, how it was laid out when
+    saved (informational: a reader only needs the shards' offsets), and the shards."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    shards: tuple[ShardEntry, ...]
+    placements: tuple[str, ...] = ()
+    mesh: tuple[int, ...] = ()
 
 
 @dataclass
@@ -73,6 +107,9 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     metadata: Any = None
     format_version: str = FORMAT_VERSION
+    sharded: dict[str, ShardedTensor] = field(default_factory=dict)
+    rank_state: list[dict[str, Any]] | None = None
+    """Per-rank state entries of a checkpoint saved by several ranks (index: rank); None otherwise."""
 
     @property
     def total_bytes(self) -> int:
@@ -86,6 +123,8 @@ class Manifest:
             "files": {n: {"size": f.size, "header_crc32c": f.header_crc32c} for n, f in self.files.items()},
             "state": self.state,
         }
+        if self.rank_state is not None:
+            doc["rank_state"] = self.rank_state
         # allow_nan=False: the manifest is strict JSON that any tool parses; non-finite floats are
         # tagged by the codec before they get here.
         head = json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
@@ -93,9 +132,13 @@ class Manifest:
         # building it as dicts made the garbage collector walk the whole training process.
         tensors = ",".join(
             f'{json.dumps(n, ensure_ascii=False)}:{{"file":{json.dumps(t.file)},"dtype":"{t.dtype}",'
-            f'"shape":[{",".join(map(str, t.shape))}],"offsets":[{t.begin},{t.end}],"crc32c":{t.crc32c}}}'
+            f'"shape":[{",".join(map(str, t.shape))}],"offsets":[{t.begin},{t.end}],"crc32c":{t.crc32c}'
+            f'{_blocks_json(t)}}}'
             for n, t in self.tensors.items())
-        return seal((head[:-1] + ',"tensors":{' + tensors + "}").encode("utf-8"))
+        body = head[:-1] + ',"tensors":{' + tensors + "}"
+        if self.sharded:
+            body += ',"sharded":{' + ",".join(_sharded_json(n, t) for n, t in self.sharded.items()) + "}"
+        return seal(body.encode("utf-8"))
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> Manifest:
@@ -116,6 +159,23 @@ class Manifest:
             raise CorruptCheckpointError(f"{where}: the manifest's own checksum (manifest_crc32c, last member) is "
                                          "missing: the file was edited or damaged")
         return manifest
+
+
+def _ints(values: tuple[int, ...]) -> str:
+    return "[" + ",".join(map(str, values)) + "]"
+
+
+def _blocks_json(entry: TensorEntry) -> str:
+    if not entry.block_bytes:
+        return ""
+    return f',"block_bytes":{entry.block_bytes},"block_crc32c":{_ints(entry.block_crc32c)}'
+
+
+def _sharded_json(name: str, tensor: ShardedTensor) -> str:
+    shards = ",".join(f'{{"tensor":{json.dumps(s.tensor, ensure_ascii=False)},"offsets":{_ints(s.offsets)},'
+                      f'"shape":{_ints(s.shape)}}}' for s in tensor.shards)
+    return (f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{tensor.dtype}","shape":{_ints(tensor.shape)},'
+            f'"placements":{json.dumps(list(tensor.placements))},"mesh":{_ints(tensor.mesh)},"shards":[{shards}]}}')
 
 
 def seal(body: bytes) -> bytes:
@@ -155,12 +215,18 @@ def _parse(doc: Any, where: str) -> Manifest:
     metrics = doc.get("metrics", {})
     if not isinstance(metrics, dict):
         raise CorruptCheckpointError(f"{where}: 'metrics' must be an object")
+    world_size = _count(doc.get("world_size"), "world_size", where)
+    sharded_doc = doc.get("sharded", {})
+    if not isinstance(sharded_doc, dict):
+        raise CorruptCheckpointError(f"{where}: 'sharded' must be an object")
+    sharded = {n: _sharded_entry(e, n, tensors, where) for n, e in sharded_doc.items()}
     return Manifest(
         step=_count(doc.get("step"), "step", where), created=float(created),
-        world_size=_count(doc.get("world_size"), "world_size", where),
+        world_size=world_size,
         versions={str(k): str(v) for k, v in _get(doc, "versions", dict, where).items()},
         files=files, tensors=tensors, state=_get(doc, "state", dict, where),
         metrics=metrics, metadata=doc.get("metadata"), format_version=doc["format_version"],
+        sharded=sharded, rank_state=_rank_state(doc.get("rank_state"), world_size, where),
     )
 
 
@@ -207,4 +273,62 @@ def _tensor_entry(entry: Any, name: str, files: dict[str, FileEntry], where: str
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed shape or offsets")
     dims = tuple(_count(d, f"shape of {name}", where) for d in shape)
     begin, end = (_count(o, f"offsets of {name}", where) for o in offsets)
-    return TensorEntry(file, dtype, dims, begin, end, _count(entry.get("crc32c"), f"crc32c of {name}", where))
+    crc = _count(entry.get("crc32c"), f"crc32c of {name}", where)
+    block_bytes, blocks = _blocks(entry, name, end - begin, where)
+    return TensorEntry(file, dtype, dims, begin, end, crc, block_bytes, blocks)
+
+
+def _blocks(entry: dict[str, Any], name: str, nbytes: int, where: str) -> tuple[int, tuple[int, ...]]:
+    if "block_bytes" not in entry and "block_crc32c" not in entry:
+        return 0, ()
+    size, crcs = entry.get("block_bytes"), entry.get("block_crc32c")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or not isinstance(crcs, list):
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} has malformed block checksums")
+    if nbytes < 0 or len(crcs) != -(-nbytes // size) or len(crcs) > MAX_BLOCKS:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} has {len(crcs)} block checksums for {nbytes} "
+                                     f"bytes in blocks of {size}")
+    return size, tuple(_count(c, f"block crc32c of {name}", where) for c in crcs)
+
+
+def _sharded_entry(entry: Any, name: str, tensors: dict[str, TensorEntry], where: str) -> ShardedTensor:
+    """A sharded tensor: every shard must be a listed tensor of the same dtype, inside the whole."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+        raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} is malformed")
+    if name in tensors:
+        raise CorruptCheckpointError(f"{where}: {name!r} is both a tensor and a sharded tensor")
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE or not isinstance(shape, list):
+        raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} has a bad dtype or shape")
+    dims = tuple(_count(d, f"shape of {name}", where) for d in shape)
+    shards = tuple(_shard(s, name, dtype, dims, tensors, where) for s in entry["shards"])
+    placements, mesh = entry.get("placements", []), entry.get("mesh", [])
+    if not (isinstance(placements, list) and all(isinstance(p, str) for p in placements) and isinstance(mesh, list)):
+        raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} has malformed placements or mesh")
+    return ShardedTensor(dtype, dims, shards, tuple(placements), tuple(_count(m, "mesh", where) for m in mesh))
+
+
+def _shard(shard: Any, name: str, dtype: str, dims: tuple[int, ...], tensors: dict[str, TensorEntry],
+           where: str) -> ShardEntry:
+    if not isinstance(shard, dict) or not isinstance(shard.get("offsets"), list) or not isinstance(
+            shard.get("shape"), list):
+        raise CorruptCheckpointError(f"{where}: a shard of {name!r} is malformed")
+    tensor = shard.get("tensor")
+    offsets = tuple(_count(o, f"shard offsets of {name}", where) for o in shard["offsets"])
+    shape = tuple(_count(d, f"shard shape of {name}", where) for d in shard["shape"])
+    stored = tensors.get(tensor) if isinstance(tensor, str) else None
+    if stored is None or stored.dtype != dtype or stored.shape != shape:
+        raise CorruptCheckpointError(f"{where}: a shard of {name!r} refers to {tensor!r}, which is not a listed "
+                                     f"{dtype}{list(shape)} tensor")
+    if len(offsets) != len(dims) or len(shape) != len(dims) or any(
+            o + n > d for o, n, d in zip(offsets, shape, dims)):
+        raise CorruptCheckpointError(f"{where}: shard {tensor!r} at {list(offsets)} of shape {list(shape)} lies "
+                                     f"outside {name!r} of shape {list(dims)}")
+    return ShardEntry(tensor, offsets, shape)
+
+
+def _rank_state(value: Any, world_size: int, where: str) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != world_size or not all(isinstance(v, dict) for v in value):
+        raise CorruptCheckpointError(f"{where}: 'rank_state' must hold one object per rank ({world_size})")
+    return value

@@ -20,7 +20,7 @@ from .checksum import crc32c
 from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
 from .tensor_bytes import byte_view
 
-__all__ = ["read_manifest", "read_tensors", "mapped_tensors", "verify_checkpoint"]
+__all__ = ["read_manifest", "read_tensors", "mapped_tensors", "verify_checkpoint", "check_tensor_file", "check_crc"]
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -108,6 +108,16 @@ def _iter_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[t
                     yield block[0][0], _read_tensor(handle, block[0][0], block[0][1], where)
                 else:
                     yield from _read_block(handle, block, where)
+
+
+def check_tensor_file(handle: ReadHandle, manifest: Manifest, file_name: str, where: str) -> None:
+    """Check an open tensor file against the manifest: its size, header checksum, and header entries."""
+    _check_file(handle, manifest, file_name, _by_file(manifest).get(file_name, []), where)
+
+
+def check_crc(view: memoryview, tensor_name: str, entry: TensorEntry, where: str) -> None:
+    """Raise :class:`CorruptCheckpointError` unless ``view`` holds the bytes of the whole tensor."""
+    _check_crc(view, tensor_name, entry, where)
 
 
 def _check_file(handle: ReadHandle, manifest: Manifest, file_name: str,

@@ -16,10 +16,10 @@ from typing import TypeVar
 
 from ..format import FileEntry, Manifest, TensorEntry
 from ..storage import Storage, WriteHandle
-from .checksum import crc32c
+from .checksum import BlockCrc, crc32c
 from .plan import FilePlan, Run
 
-__all__ = ["write_checkpoint", "Writer", "SyncWriter", "AsyncWriter"]
+__all__ = ["write_checkpoint", "write_tensor_file", "Writer", "SyncWriter", "AsyncWriter"]
 
 T = TypeVar("T")
 WRITER_NICE = 19
@@ -33,7 +33,7 @@ def write_checkpoint(storage: Storage, name: str, plan: FilePlan, runs: Iterable
     """
     staging = storage.begin(name)
     try:
-        file_entry, entries = _write_tensor_file(staging.create(file_name), file_name, plan, runs)
+        file_entry, entries = write_tensor_file(staging.create(file_name), file_name, plan, runs)
         final = replace(manifest, files={file_name: file_entry}, tensors=entries)
         staging.commit(final.to_json())
     except BaseException:
@@ -42,15 +42,25 @@ def write_checkpoint(storage: Storage, name: str, plan: FilePlan, runs: Iterable
     return final
 
 
-def _write_tensor_file(handle: WriteHandle, file_name: str, plan: FilePlan, runs: Iterable[Run]
-                       ) -> tuple[FileEntry, dict[str, TensorEntry]]:
+def write_tensor_file(handle: WriteHandle, file_name: str, plan: FilePlan, runs: Iterable[Run],
+                      block_bytes: int = 0) -> tuple[FileEntry, dict[str, TensorEntry]]:
+    """Stream one tensor file into ``handle`` and close it (durable); its file and tensor entries.
+
+    With ``block_bytes``, tensors larger than one block also get a CRC per block (ranged reads
+    verify what they read); the whole tensor's CRC is derived from those, not computed twice.
+    """
     crcs = [0] * len(plan.spans)
+    blocked = {i: BlockCrc(block_bytes) for i, s in enumerate(plan.spans) if block_bytes and s.nbytes > block_bytes}
     written = 0
     try:
         handle.write(memoryview(plan.header))
         for data, pieces in runs:
             for index, lo, hi in pieces:  # a tensor may straddle two runs: its CRC continues
-                crcs[index] = crc32c(data[lo:hi], crcs[index])
+                accumulator = blocked.get(index)
+                if accumulator is None:
+                    crcs[index] = crc32c(data[lo:hi], crcs[index])
+                else:
+                    accumulator.update(data[lo:hi])
             handle.write(data)
             written += len(data)
         if written != plan.data_bytes:
@@ -61,6 +71,11 @@ def _write_tensor_file(handle: WriteHandle, file_name: str, plan: FilePlan, runs
         raise
     entries = {s.name: TensorEntry(file_name, s.dtype, s.shape, s.begin, s.end, crc) for s, crc in
                zip(plan.spans, crcs, strict=True)}
+    for index, accumulator in blocked.items():
+        span = plan.spans[index]
+        whole, blocks = accumulator.finish()
+        entries[span.name] = TensorEntry(file_name, span.dtype, span.shape, span.begin, span.end, whole,
+                                         block_bytes, blocks)
     return FileEntry(size=plan.file_size, header_crc32c=crc32c(plan.header)), entries
 
 

@@ -61,9 +61,14 @@ class ReadHandle(ABC):
 
 
 class Staging(ABC):
-    """A checkpoint in progress; invisible to readers until :meth:`commit`."""
+    """A checkpoint in progress; invisible to readers until :meth:`commit`.
+
+    ``token`` names the area so that other processes can write into it (:meth:`Storage.join`): a
+    save by several ranks has one area, begun and committed by one coordinator.
+    """
 
     name: str
+    token: str = ""
 
     @abstractmethod
     def create(self, file_name: str) -> WriteHandle: ...
@@ -91,6 +96,15 @@ class Storage(ABC):
 
     @abstractmethod
     def begin(self, name: str) -> Staging: ...
+
+    def join(self, name: str, token: str) -> Staging:
+        """The staging area another process began for ``name`` (its ``token``), to write files into.
+
+        The joined area is committed by the process that began it, never by the joiner; the
+        joiner's :meth:`Staging.abort` removes only the files it created.
+        """
+        raise NotImplementedError(f"{type(self).__name__} ({getattr(self, 'url', '?')}) cannot share a staging "
+                                  "area between processes: saves by several ranks need a shared local filesystem")
 
     @abstractmethod
     def open(self, name: str, file_name: str) -> ReadHandle: ...

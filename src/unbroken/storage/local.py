@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -29,6 +30,7 @@ __all__ = ["LocalStorage"]
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 _WRITE_BUFFER = 4 * 1024 * 1024
+_TOKEN = re.compile(r"^[0-9a-f]{12}$")
 
 
 def fsync_dir(path: str) -> None:
@@ -133,10 +135,20 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalStaging(Staging):
-    def __init__(self, root: str, name: str) -> None:
+    def __init__(self, root: str, name: str, token: str | None = None) -> None:
+        """A new staging directory, or (with ``token``) one another process created, joined."""
         self.root, self.name = root, name
-        self.path = os.path.join(root, f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        self.joined = token is not None
+        self.token = uuid.uuid4().hex[:12] if token is None else token
+        if not _TOKEN.match(self.token):
+            raise ValueError(f"invalid staging token {self.token!r}")
+        self.path = os.path.join(root, f"{STAGING_PREFIX}{name}-{self.token}")
         self._handles: list[LocalWriteHandle] = []
+        if self.joined:
+            if not os.path.isdir(self.path) or os.path.islink(self.path):
+                raise StorageError(errno.ENOENT, f"{self.path}: the staging directory to join does not exist "
+                                   "(is the run directory on a filesystem every rank shares?)")
+            return
         os.mkdir(self.path)
         try:
             fsync_dir(root)
@@ -151,6 +163,8 @@ class LocalStaging(Staging):
         return handle
 
     def commit(self, manifest: bytes) -> None:
+        if self.joined:
+            raise RuntimeError("a joined staging area is committed by the process that began it")
         final = os.path.join(self.root, self.name)
         failpoints.hit("manifest.write")
         tmp = LocalWriteHandle(os.path.join(self.path, "manifest.json.tmp"))
@@ -175,7 +189,14 @@ class LocalStaging(Staging):
     def abort(self) -> None:
         for handle in self._handles:
             handle.abort()
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not self.joined:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for handle in self._handles:  # the area is the creator's to remove
+            try:
+                os.unlink(handle.path)
+            except OSError:
+                pass
 
 
 class LocalStorage(Storage):
@@ -199,6 +220,9 @@ class LocalStorage(Storage):
 
     def begin(self, name: str) -> Staging:
         return LocalStaging(self.root, name)
+
+    def join(self, name: str, token: str) -> Staging:
+        return LocalStaging(self.root, name, token)
 
     def open(self, name: str, file_name: str) -> ReadHandle:
         where = os.path.join(self.root, name, file_name)
