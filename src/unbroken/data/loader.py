@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, Sampl
 from torch.utils.data import DataLoader as TorchDataLoader
 
 from ..errors import StateMismatchError, UnserializableStateError
-from .sampler import EpochCursor, ResumableSampler, layout_problems
+from .sampler import EpochCursor, ResumableSampler, consumed_samples, layout_problems, load_split, same_position
 from .seeding import SeededDataset, sample_seed
 
 __all__ = ["DataLoader", "make_resumable", "needs_adoption"]
@@ -108,17 +108,45 @@ class DataLoader(TorchDataLoader):  # type: ignore[type-arg]
     def check_state_dict(self, state: Any) -> list[str]:
         if not (isinstance(state, dict) and {"cursor", "layout", "sampler"} <= state.keys()):
             return ["the saved loader state is not from unbroken.DataLoader"]
-        return layout_problems(self._layout(), state["layout"])
+        return layout_problems(self._layout(), state["layout"], resplit=self._can_resplit())
+
+    def _can_resplit(self) -> bool:
+        """Positions are global-order positions only with our sampler and plain batching."""
+        return isinstance(self.sampler, ResumableSampler) and (
+            self.batch_sampler is None or type(self.batch_sampler) is BatchSampler)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved batch; saved on another number of ranks, re-split the epoch's rest
+        (see :mod:`unbroken.data.sampler`)."""
         problems = self.check_state_dict(state)
         if problems:
             raise StateMismatchError("cannot resume the DataLoader: " + "; ".join(problems))
         if isinstance(self.sampler, ResumableSampler):
             self.sampler.seed = int(state["sampler"]["seed"])
+            self.sampler.split = load_split(state["sampler"].get("split"))
         elif state["sampler"].get("epoch") is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(state["sampler"]["epoch"])
         self.cursor.load(state["cursor"])
+        saved_world = state["layout"].get("world_size")
+        if isinstance(self.sampler, ResumableSampler) and saved_world != self.sampler.world_size:
+            self._resplit(int(saved_world))
+
+    def _resplit(self, saved_world: int) -> None:
+        """The saved ranks consumed ``position`` batches each: continue the epoch's global order from
+        there, shared among this world's ranks."""
+        sampler, cursor = self.sampler, self.cursor
+        if not isinstance(sampler, ResumableSampler) or cursor.resume_at is None:
+            return  # not started, or already at the epoch's end: nothing to re-split
+        per_batch = self.batch_size or 1
+        sampler.split = (cursor.epoch, consumed_samples(sampler.dataset_len, sampler.offset(cursor.epoch),
+                                                        cursor.position * per_batch, saved_world))
+        cursor.position = cursor.resume_at = 0
+
+    def reshard_state_dict(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """From every saved rank's state (another number of ranks), the one to load: every rank must
+        have been at the same batch of the same epoch, with the same seed."""
+        same_position(states, ("cursor", "sampler"))
+        return states[0]
 
 
 class _Consumed:
@@ -214,7 +242,8 @@ def _batches(items: Iterator[Any], size: int, drop_last: bool) -> Iterator[list[
 
 def _sampler_state(sampler: Any) -> dict[str, Any]:
     if isinstance(sampler, ResumableSampler):
-        return {"seed": sampler.seed}
+        split = None if sampler.split is None else list(sampler.split)
+        return {"seed": sampler.seed, "split": split}
     epoch = getattr(sampler, "epoch", None)
     return {"epoch": epoch if isinstance(epoch, int) else None}
 

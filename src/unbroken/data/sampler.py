@@ -1,5 +1,15 @@
 """A sampler that can start an epoch at any position in O(1): the order is a pure function of
-``(seed, epoch)``, so resuming regenerates the permutation and slices it, with no replay."""
+``(seed, epoch)``, so resuming regenerates the permutation and slices it, with no replay.
+
+Resuming on a different number of ranks (docs/DISTRIBUTED.md): ranks take turns through one global
+order (``DistributedSampler``'s layout), so after every rank consumed ``p`` samples of an epoch,
+exactly the first ``p × world_size`` samples of that order are consumed.  A resume on ``M`` ranks
+re-splits the rest of the order across the ``M`` ranks (``split``: the epoch and how many samples of
+its order were consumed before the re-split), so the epoch continues with no sample repeated and
+none skipped, except the padding ``DistributedSampler`` also adds to make the ranks' shares equal.
+This assumes, as synchronous data-parallel training guarantees, that every rank was at the same
+position; ``reshard_state_dict`` checks it when the manager resumes.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +24,8 @@ from torch.utils.data import Sampler
 
 from ..errors import StateMismatchError
 
-__all__ = ["ResumableSampler", "EpochCursor", "distributed_settings", "layout_problems"]
+__all__ = ["ResumableSampler", "EpochCursor", "distributed_settings", "layout_problems", "consumed_samples",
+           "same_position", "load_split"]
 
 
 def distributed_settings(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -90,6 +101,7 @@ class ResumableSampler(Sampler[int]):
         self.rank, self.world_size = distributed_settings(rank, world_size)
         self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else int(seed)
         self.cursor = EpochCursor()
+        self.split: tuple[int, int] | None = None  # (epoch, samples of its order consumed before a re-split)
         self.owner: Any = None  # weakref to a DataLoader driving this sampler: set_epoch goes to its cursor
 
     @property
@@ -104,6 +116,10 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
+    def offset(self, epoch: int) -> int:
+        """How many samples of ``epoch``'s order were consumed before a re-split (0: none)."""
+        return self.split[1] if self.split is not None and self.split[0] == epoch else 0
+
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's indices for ``epoch``, in order."""
         n = self.dataset_len
@@ -111,9 +127,11 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             order = torch.arange(n)
-        total = self.num_samples * self.world_size
-        if total > n > 0:  # pad by repetition, as DistributedSampler does
-            order = torch.cat([order] * math.ceil(total / n))
+        order = order[self.offset(epoch):]
+        rest, w = len(order), self.world_size
+        total = (rest // w if self.drop_last else math.ceil(rest / w)) * w
+        if total > rest > 0:  # pad by repetition, as DistributedSampler does
+            order = torch.cat([order] * math.ceil(total / rest))
         return order[:total][self.rank:total:self.world_size]
 
     def iter_positions(self, epoch: int, start: int) -> Iterator[tuple[int, int]]:
@@ -134,7 +152,7 @@ class ResumableSampler(Sampler[int]):
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, **self.cursor.state(), **self.layout()}
+        return {"seed": self.seed, **self.cursor.state(), **self.layout(), "split": _split_state(self.split)}
 
     def layout(self) -> dict[str, Any]:
         """What must be equal between save and resume for positions to mean the same samples."""
@@ -142,28 +160,80 @@ class ResumableSampler(Sampler[int]):
                 "world_size": self.world_size, "rank": self.rank}
 
     def check_state_dict(self, state: dict[str, Any]) -> list[str]:
-        return layout_problems(self.layout(), state)
+        return layout_problems(self.layout(), state, resplit=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved position; saved on another number of ranks, re-split the epoch's rest."""
         problems = self.check_state_dict(state)
         if problems:
             raise StateMismatchError("cannot resume the sampler: " + "; ".join(problems))
         self.seed = int(state["seed"])
+        self.split = load_split(state.get("split"))
         self.cursor.load(state)
+        saved_world = int(state["world_size"])
+        if saved_world != self.world_size and self.cursor.resume_at is not None:
+            self.split = (self.cursor.epoch, consumed_samples(self.dataset_len, self.offset(self.cursor.epoch),
+                                                              self.cursor.position, saved_world))
+            self.cursor.position = self.cursor.resume_at = 0
+
+    def reshard_state_dict(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """From every saved rank's state (another number of ranks), the one to load: they must agree
+        on the position, which synchronous data-parallel training guarantees."""
+        return same_position(states, ("seed", "epoch", "position", "started", "finished", "split"))
 
 
 _HINTS = {
     "dataset_len": "the dataset changed size; positions would point at different samples",
-    "world_size": "resuming on a different number of ranks is not supported by this sampler yet",
+    "world_size": "this sampler cannot re-split a position across a different number of ranks",
     "rank": "each rank must resume its own data stream",
     "batch_size": "positions are counted in batches of the saved size",
 }
 
 
-def layout_problems(live: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+_PER_WORLD = frozenset({"world_size", "rank", "batches_per_epoch"})
+
+
+def layout_problems(live: dict[str, Any], saved: dict[str, Any], resplit: bool = False) -> list[str]:
+    """Differences that make a saved position meaningless.  With ``resplit`` (the owner re-splits an
+    epoch across a new number of ranks) the rank and the per-rank counts may change with the world size."""
+    changed_world = resplit and "world_size" in saved and saved["world_size"] != live.get("world_size")
     problems = []
     for key, value in live.items():
+        if changed_world and key in _PER_WORLD:
+            continue
         if key in saved and saved[key] != value:
             hint = _HINTS.get(key, "use the same setting as the saved run")
             problems.append(f"{key} was {saved[key]!r} when saved but is {value!r} now ({hint})")
     return problems
+
+
+def consumed_samples(dataset_len: int, offset: int, position: int, world_size: int) -> int:
+    """Samples of an epoch's global order consumed once every one of ``world_size`` ranks consumed
+    ``position`` samples of the part starting at ``offset`` (padding repeats do not count)."""
+    return offset + min(position * world_size, max(dataset_len - offset, 0))
+
+
+def same_position(states: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``states[0]``, after checking every state agrees on ``keys``; StateMismatchError naming the first
+    rank that does not."""
+    first = {k: states[0].get(k) for k in keys}
+    for rank, state in enumerate(states[1:], start=1):
+        other = {k: state.get(k) for k in keys}
+        if other != first:
+            raise StateMismatchError(f"the saved ranks were at different data positions (rank 0: {first}, rank "
+                                     f"{rank}: {other}); the rest of the epoch cannot be re-split across a new "
+                                     "number of ranks")
+    return states[0]
+
+
+def _split_state(split: tuple[int, int] | None) -> list[int] | None:
+    return None if split is None else [split[0], split[1]]
+
+
+def load_split(value: Any) -> tuple[int, int] | None:
+    """A saved ``split`` (``[epoch, offset]`` or None), checked."""
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise StateMismatchError(f"cannot resume: malformed saved split {value!r}")
+    return int(value[0]), int(value[1])
