@@ -66,6 +66,11 @@ def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any]
                     rng: bool = True) -> Manifest:
     """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
     manifest = read_manifest(storage, name)
+    if manifest.rank_state is not None or manifest.sharded:  # saved by several ranks
+        from .distributed.load import load_single
+
+        load_single(storage, name, manifest, state, strict, rng)
+        return manifest
     with mapped_tensors(storage, name, manifest) as mapped:  # every checksum verified before use
         borrowed = copied_on_load(manifest.state)
         tensors = {n: t if n in borrowed else t.clone() for n, t in mapped.items()}

@@ -77,6 +77,13 @@ class ManagerConfig:
     mirror_keep_last: int | None = None
     """Retention on the mirror: keep its N newest (None: keep everything uploaded)."""
 
+    restore_mode: str = "direct"
+    """Under torch.distributed: "direct" (each rank reads the byte ranges it needs) or "broadcast" (rank 0
+    reads them and broadcasts them: node-local disks, or many ranks reading the same bytes)."""
+    dist_timeout: float = 600.0
+    """Under torch.distributed: seconds a rank waits for the others in a collective step of a save or a
+    restore; past it (a rank died or hangs) every rank raises instead of waiting forever."""
+
     def __post_init__(self) -> None:
         self.schedule()  # validates every_steps / every_minutes
         self.policies()  # validates the retention settings
@@ -101,6 +108,11 @@ class ManagerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         parse_signals(self.stop_signals)  # names a bad signal
+        if self.restore_mode not in ("direct", "broadcast"):
+            raise ValueError(f"restore_mode must be 'direct' or 'broadcast', got {self.restore_mode!r}")
+        timeout = self.dist_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"dist_timeout must be a number of seconds > 0, got {timeout!r}")
         if self.mirror_to is not None and (not isinstance(self.mirror_to, str) or not self.mirror_to):
             raise ValueError(f"mirror_to must be a URL or path string, got {self.mirror_to!r}")
         if self.mirror_keep_last is not None and self.mirror_to is None:

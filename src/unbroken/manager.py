@@ -17,6 +17,7 @@ from typing import Any
 from .checkpoint import build_manifest, load_checkpoint
 from .config import ManagerConfig
 from .data import make_resumable, needs_adoption
+from .distributed import DistributedRun, attach
 from .errors import CheckpointExistsError, StorageError, UnbrokenError
 from .format import Manifest
 from .gcpause import paused_gc
@@ -56,7 +57,8 @@ class CheckpointManager:
                  max_runtime: float | None = None, deadline: float | None = None,
                  deadline_from_slurm: bool = True, deadline_margin: float = 30.0,
                  storage_options: dict[str, Any] | None = None, mirror_to: str | None = None,
-                 mirror_options: dict[str, Any] | None = None, mirror_keep_last: int | None = None) -> None:
+                 mirror_options: dict[str, Any] | None = None, mirror_keep_last: int | None = None,
+                 restore_mode: str = "direct", dist_timeout: float = 600.0) -> None:
         self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
                                     keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                                     keep_every=keep_every, save_on_close=save_on_close, strict=strict,
@@ -66,7 +68,8 @@ class CheckpointManager:
                                     stop_signals=stop_signals, on_stop=on_stop, max_runtime=max_runtime,
                                     deadline=deadline, deadline_from_slurm=deadline_from_slurm,
                                     deadline_margin=deadline_margin, mirror_to=mirror_to,
-                                    mirror_keep_last=mirror_keep_last)
+                                    mirror_keep_last=mirror_keep_last, restore_mode=restore_mode,
+                                    dist_timeout=dist_timeout)
         for value in state.values():
             if needs_adoption(value):
                 make_resumable(value)  # in place: the caller's loader object now resumes exactly
@@ -75,10 +78,17 @@ class CheckpointManager:
         # storage_options (credentials, endpoints) go to fsspec only: never into the config, a log or a checkpoint.
         self.storage: Storage = _open_run_directory(directory, storage_options)
         self._mirror: Mirror | None = None
-        self._schedule = self.config.schedule()
+        # Under torch.distributed (world size > 1) every rank saves its part of one checkpoint and rank 0
+        # commits it; unbroken/distributed/ holds the protocol.  Collective: every rank builds its manager.
+        self._dist: DistributedRun | None = attach(self.config.restore_mode, self.config.dist_timeout)
+        self._schedule = self.config.schedule() if self._dist is None else self._dist.schedule(self.config.schedule())
         self._policies = self.config.policies()
-        self._saver = Saver(self.storage, self.config.async_save, self.config.when_busy,
-                            self.config.staging_budget_bytes, on_commit=self._after_commit)
+        if self._dist is None:
+            self._saver = Saver(self.storage, self.config.async_save, self.config.when_busy,
+                                self.config.staging_budget_bytes, on_commit=self._after_commit)
+        else:
+            self._saver = self._dist.saver(self.storage, self.config.async_save, self.config.staging_budget_bytes,
+                                           self._after_commit)
         self._last_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
         self._saved_steps: set[int] = set()
@@ -86,7 +96,8 @@ class CheckpointManager:
         self._closed = False
         self._closed_reason = ""
         self._lock: RunLock | None = None
-        if self.config.lock and isinstance(self.storage, LocalStorage):
+        if self.config.lock and isinstance(self.storage, LocalStorage) and (self._dist is None or
+                                                                              self._dist.is_coordinator):
             self._lock = RunLock(self.storage.root, on_takeover=self._taken_over)
             self._lock.acquire(self.config.lock_timeout)
             weakref.finalize(self, self._lock.release)  # a manager dropped without close() frees the run
@@ -110,6 +121,9 @@ class CheckpointManager:
         warning.  ``step=N`` or ``path=DIR`` restore exactly that checkpoint or raise.
         """
         strict = self.config.strict if strict is None else strict
+        if self._dist is not None:  # every rank restores the same checkpoint, or none does
+            return self._resumed(self._dist.restore(self.storage, self.state, strict, self.config.capture_rng,
+                                                    step=step, path=path))
         removed = self.storage.cleanup()
         if removed:
             log.info("removed abandoned staging/trash areas: %s", ", ".join(removed))
@@ -124,6 +138,9 @@ class CheckpointManager:
             if self._mirror is not None:  # a new machine: the newest checkpoint may only be in the bucket
                 self._mirror.fetch()
             manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng)
+        return self._resumed(manifest)
+
+    def _resumed(self, manifest: Manifest | None) -> int:
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
             return 0
@@ -258,7 +275,7 @@ class CheckpointManager:
             self._mirror.submit(step_name(manifest.step))
 
     def _apply_retention(self) -> None:
-        if not self._policies:
+        if not self._policies or (self._dist is not None and not self._dist.is_coordinator):
             return
         valid = [r for r in scan(self.storage) if r.valid]
         keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], self._policies)

@@ -1,0 +1,43 @@
+"""Saves by several ranks, run like single-process saves (synchronously or in the background).
+
+The manager's :class:`~unbroken.saver.Saver` decides when a save runs and snapshots the state; this
+subclass changes what is written (this rank's part only, :mod:`.rankplan`) and how it is committed
+(the protocol of :mod:`.commit`).  Every rank must start the same saves in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from ..format import Manifest
+from ..io.plan import FilePlan, Run
+from ..saver import Saver
+from ..state import Snapshot
+from ..storage import Storage
+from .commit import save_by_ranks
+from .rankplan import RankPlan, plan_rank
+from .world import World
+
+__all__ = ["DistributedSaver"]
+
+
+class DistributedSaver(Saver):
+    def __init__(self, world: World, storage: Storage, background: bool, budget_bytes: int | None,
+                 on_commit: Callable[[Manifest], None]) -> None:
+        # "skip" would let one rank skip a save that another starts: the ranks must agree, so they wait.
+        super().__init__(storage, background, "wait", budget_bytes, on_commit)
+        self.world = world
+        self._plan: RankPlan | None = None
+
+    def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
+        # Called after the previous save finished (Saver.save waits first), so the in-flight save
+        # never sees its plan replaced.
+        self._plan = plan_rank(snap, self.world.rank, self.world.size)
+        return self._plan.tensors
+
+    def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
+        if self._plan is None:
+            raise RuntimeError("internal error: a distributed save without its rank plan")
+        return save_by_ranks(self.world, self.storage, name, step, self._plan, plan, runs, manifest)
