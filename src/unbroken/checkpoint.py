@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .codec import encode
+from .distributed.shards import whole_tensors
 from .format import Manifest
 from .gcpause import paused_gc
 from .io import FilePlan, live_runs, mapped_tensors, read_manifest, write_checkpoint
@@ -57,9 +58,10 @@ def save_checkpoint(storage: Storage, name: str, state: Mapping[str, Any], step:
                     metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True) -> Manifest:
     with paused_gc():
         snap = capture(state, rng=rng)
-        plan = FilePlan.build(snap.tensors)
+        tensors = whole_tensors(snap.tensors)
+        plan = FilePlan.build(tensors)
         manifest = build_manifest(snap, step, metrics, metadata)
-    return write_checkpoint(storage, name, plan, live_runs(plan, snap.tensors), manifest)
+    return write_checkpoint(storage, name, plan, live_runs(plan, tensors), manifest)
 
 
 def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any], strict: bool = True,

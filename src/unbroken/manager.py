@@ -17,7 +17,7 @@ from typing import Any
 from .checkpoint import build_manifest, load_checkpoint
 from .config import ManagerConfig
 from .data import make_resumable, needs_adoption
-from .distributed import DistributedRun, attach
+from .distributed.run import DistributedRun, attach
 from .errors import CheckpointExistsError, StorageError, UnbrokenError
 from .format import Manifest
 from .gcpause import paused_gc

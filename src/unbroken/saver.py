@@ -18,6 +18,7 @@ from concurrent.futures import Future
 
 import torch
 
+from .distributed.shards import whole_tensors
 from .errors import StorageError
 from .format import Manifest
 from .gcpause import paused_gc
@@ -67,7 +68,7 @@ class Saver:
 
     def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
         """The tensors this process writes (a rank of a distributed save writes only its part)."""
-        return snap.tensors
+        return whole_tensors(snap.tensors)
 
     def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
         """Write and commit checkpoint ``name``; its committed manifest."""

@@ -7,12 +7,9 @@ torch.distributed is the engine (process groups, collectives, DTensor); the form
 * :mod:`.roles`, :mod:`.shards`, :mod:`.rankplan`: what each rank writes (replicated, sharded, per-rank)
 * :mod:`.assemble`, :mod:`.commit`, :mod:`.saver`: the commit protocol and the manager's saver
 * :mod:`.sources`, :mod:`.load`, :mod:`.rankstate`, :mod:`.resume`: restoring, resharding, agreeing
-* :mod:`.run`: the manager's entry point
+* :mod:`.run`: the manager's entry point (:func:`.run.attach`)
+
+Submodules are imported where used: the top-level save/load path needs :mod:`.shards` without the rest.
 """
 
 from __future__ import annotations
-
-from .run import RESTORE_MODES, DistributedRun, attach
-from .world import DEFAULT_TIMEOUT_S, World
-
-__all__ = ["attach", "DistributedRun", "World", "RESTORE_MODES", "DEFAULT_TIMEOUT_S"]

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import UnserializableStateError
 
-__all__ = ["LocalShard", "Box", "is_dtensor", "local_shard", "region_of", "overlap", "volume", "as_like"]
+__all__ = ["LocalShard", "Box", "is_dtensor", "local_shard", "region_of", "overlap", "volume", "as_like",
+           "whole_tensors"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 
@@ -108,3 +109,20 @@ def as_like(target: Any, local: torch.Tensor) -> Any:
 
     return DTensor.from_local(local.to(target.to_local().device), target.device_mesh, target.placements,
                               run_check=False, shape=target.shape, stride=target.stride())
+
+
+def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` for a single-process save: a DTensor on a one-device mesh is its local tensor (the
+    whole); one spread over several ranks cannot be saved by one process."""
+    if not any(is_dtensor(t) for t in tensors.values()):
+        return tensors
+    out = {}
+    for name, tensor in tensors.items():
+        if is_dtensor(tensor):
+            if tensor.device_mesh.size() != 1:
+                raise UnserializableStateError(
+                    f"{name}: a DTensor spread over {tensor.device_mesh.size()} ranks cannot be saved by one "
+                    "process. Fix: save with a CheckpointManager on every rank (each saves its piece)")
+            tensor = tensor.to_local()
+        out[name] = tensor
+    return out
