@@ -15,8 +15,8 @@ from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints
 from .checkpoint import __version__
 from .data import DataLoader, ResumableSampler
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
-                     CorruptCheckpointError, PartialRestoreError, RunLockedError, StateMismatchError, StorageError,
-                     UnbrokenError, UnserializableStateError, UnsupportedFormatError)
+                     CorruptCheckpointError, DistributedError, PartialRestoreError, RunLockedError, StateMismatchError,
+                     StorageError, UnbrokenError, UnserializableStateError, UnsupportedFormatError)
 from .maintenance import PruneResult, copy_checkpoints, prune
 from .manager import CheckpointManager
 from .oneshot import load, save
@@ -31,5 +31,6 @@ __all__ = [
     "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
     "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
+    "DistributedError",
     "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
 ]

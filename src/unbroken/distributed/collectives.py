@@ -2,7 +2,7 @@
 
 ``torch.distributed``'s object collectives pickle; a checkpoint's coordination messages are JSON
 encoded to UTF-8 and carried in uint8 tensors instead (lengths first, then the padded payloads).
-A failed collective (a peer died, the group's timeout passed) raises :class:`CollectiveError`;
+A failed collective (a peer died, the group's timeout passed) raises :class:`~unbroken.DistributedError`;
 after one, the group's message order is unknown, so the :class:`Comm` refuses further use.
 """
 
@@ -15,11 +15,7 @@ import torch
 
 from ..errors import DistributedError
 
-__all__ = ["Comm", "CollectiveError"]
-
-
-class CollectiveError(DistributedError):
-    """A collective on unbroken's side group failed: a rank died, hung past the timeout, or disagreed."""
+__all__ = ["Comm"]
 
 
 class Comm:
@@ -31,12 +27,12 @@ class Comm:
 
     def _run(self, what: str, call: Any) -> Any:
         if self.broken is not None:
-            raise CollectiveError(f"unbroken's process group failed earlier ({self.broken}); restart the job")
+            raise DistributedError(f"unbroken's process group failed earlier ({self.broken}); restart the job")
         try:
             return call()
         except Exception as exc:  # gloo raises RuntimeError / DistBackendError subclasses
             self.broken = f"{what}: {exc}"
-            raise CollectiveError(f"rank {self.rank}: {what} among {self.size} ranks failed (a rank died, "
+            raise DistributedError(f"rank {self.rank}: {what} among {self.size} ranks failed (a rank died, "
                                   f"or did not arrive within the timeout): {exc}") from exc
 
     # -- bytes ------------------------------------------------------------------------------------
@@ -147,4 +143,4 @@ def _loads(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CollectiveError(f"a coordination message was garbled ({exc})") from None
+        raise DistributedError(f"a coordination message was garbled ({exc})") from None

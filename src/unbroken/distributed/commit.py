@@ -12,7 +12,7 @@
 
 Every rank issues the same collectives whatever fails locally, so a local failure never
 desynchronises the group.  A rank that dies or hangs makes the others' collectives fail within the
-group's timeout (:class:`~unbroken.distributed.collectives.CollectiveError`); rank 0 then removes
+group's timeout (:class:`~unbroken.DistributedError`); rank 0 then removes
 the staging area, and whatever is left behind by a dead rank 0 is cleaned by the next restore.
 """
 
@@ -22,11 +22,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import StorageError
 from ..format import FileEntry, Manifest
 from ..io.plan import FilePlan, Run
 from ..io.writer import write_tensor_file
 from ..storage import Staging, Storage
-from .assemble import SaveRefused, assemble, failure_report, refused, report_of
+from .assemble import SaveRefused, assemble, failure_report, report_of
 from .rankplan import BLOCK_BYTES, RankPlan
 from .world import World
 
@@ -61,12 +62,17 @@ def save_by_ranks(world: World, storage: Storage, name: str, step: int, plan: Ra
     if not outcome["ok"]:
         if staging is not None:
             staging.abort()  # rank 0 has removed the area; a joiner removes the file it made
-        raise refused(f"saving step {step} to {storage.url} failed: {outcome['error']}. Nothing was committed; "
+        raise _failed(f"saving step {step} to {storage.url} failed: {outcome['error']}. Nothing was committed; "
                       "earlier checkpoints are intact", outcome.get("errno")) from local.error
     if committed is not None:
         return committed
     files = {n: FileEntry(size, crc) for n, (size, crc) in outcome["files"].items()}
     return replace(base, world_size=world.size, files=files, tensors={})
+
+
+def _failed(message: str, errno: int | None) -> StorageError:
+    """The error every rank raises (with the failing rank's errno, e.g. ENOSPC, where it had one)."""
+    return StorageError(errno, message) if errno else StorageError(message)
 
 
 def _open_staging(world: World, storage: Storage, name: str, step: int, local: _Local) -> Staging | None:
@@ -82,7 +88,7 @@ def _open_staging(world: World, storage: Storage, name: str, step: int, local: _
             opened = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
     opened = world.saving.broadcast_json(opened)
     if "error" in opened:
-        raise refused(f"saving step {step} to {storage.url} failed: rank 0 could not create the staging area: "
+        raise _failed(f"saving step {step} to {storage.url} failed: rank 0 could not create the staging area: "
                       f"{opened['error']}", opened.get("errno")) from local.error
     if world.is_coordinator:
         return staging
