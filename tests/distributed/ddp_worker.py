@@ -1,17 +1,20 @@
 """A DDP training job for tests/distributed (one process per rank, gloo, CPU).
 
-    ddp_worker.py RUN_DIR OUT_DIR STEPS [--every N] [--sync] [--restore-mode direct|broadcast]
+    ddp_worker.py RUN_DIR OUT_DIR STEPS [--epochs E] [--every N] [--sync] [--restore-mode direct|broadcast]
 
-Each rank logs ``STEP <n>`` after step n and appends ``<step> <sample indices>`` to
-``OUT_DIR/data<rank>.txt``; at the end rank 0 writes the parameters and optimizer state to
-``OUT_DIR/final.safetensors`` and every rank writes one draw of each RNG to ``OUT_DIR/rng<rank>.txt``.
-Dropout makes every step depend on each rank's own RNG stream.
+Trains until STEPS steps or E epochs.  Each rank logs ``STEP <n>`` after step n and appends
+``<step> <sample indices>`` to ``OUT_DIR/data<rank>.txt``.  Right after the restore rank 0 writes the
+parameters and optimizer state to ``OUT_DIR/restored.safetensors`` and every rank a digest of its
+RNG streams to ``OUT_DIR/rngstate<rank>.txt``; at the end the same to ``final.safetensors`` and
+``rngstate_end<rank>.txt`` (before closing: what the last checkpoint holds), then one draw of each
+RNG to ``rng<rank>.txt``.  Dropout makes every step depend on each rank's own RNG stream.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import random
 import sys
@@ -38,11 +41,23 @@ class Indexed(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return self.x[i] + 0.01 * torch.randn(6), self.y[i], i  # an augmentation drawing from the global RNG
 
 
+def dump(model: nn.Module, opt: torch.optim.Optimizer, out: Path, what: str, rank: int) -> None:
+    if rank == 0:
+        tensors = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}
+        for pid, per in opt.state_dict()["state"].items():
+            tensors.update({f"opt/{pid}/{k}": torch.as_tensor(v).clone() for k, v in per.items()})
+        save_file(tensors, str(out / f"{what}.safetensors"))
+    streams = repr((random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state().tolist()))
+    suffix = "" if what == "restored" else "_end"
+    (out / f"rngstate{suffix}{rank}.txt").write_text(hashlib.sha256(streams.encode()).hexdigest())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("steps", type=int)
+    parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--sync", action="store_true")
     parser.add_argument("--restore-mode", default="direct")
@@ -66,8 +81,9 @@ def main() -> None:
     step = ckpt.restore()
     print(f"START {step}", flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    dump(model, opt, args.out_dir, "restored", rank)
     log = open(args.out_dir / f"data{rank}.txt", "a")
-    while step < args.steps:
+    while step < args.steps and state["epoch"] < args.epochs:
         for x, y, idx in loader:
             loss = nn.functional.mse_loss(ddp(x), y)
             opt.zero_grad()
@@ -83,12 +99,8 @@ def main() -> None:
                 break
         else:
             state["epoch"] += 1
+    dump(model, opt, args.out_dir, "final", rank)
     ckpt.close()
-    if rank == 0:
-        tensors = {f"model/{k}": v.detach().clone() for k, v in model.state_dict().items()}
-        for pid, per in opt.state_dict()["state"].items():
-            tensors.update({f"opt/{pid}/{k}": torch.as_tensor(v).clone() for k, v in per.items()})
-        save_file(tensors, str(args.out_dir / "final.safetensors"))
     draws = f"{random.random()!r} {np.random.rand()!r} {torch.rand(1).item()!r}"
     (args.out_dir / f"rng{rank}.txt").write_text(draws)
     dist.barrier()

@@ -55,12 +55,3 @@ def test_sigkill_every_rank_mid_run_then_resume_is_bitwise_exact(tmp_path: Path,
     records = list_checkpoints(tmp_path / "run", verify=True)
     assert records and all(r.valid for r in records)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".staging")]
-
-
-@pytest.mark.timeout(120)
-def test_broadcast_restore_mode_resumes_the_same(tmp_path: Path) -> None:
-    """restore_mode="broadcast": rank 0 reads, the others receive; the continuation is the same."""
-    run_ok(WORKER, [tmp_path / "ref_run", tmp_path / "ref", 8], 2, tmp_path / "logs_ref", )
-    run_ok(WORKER, [tmp_path / "run", tmp_path / "out", 4, "--sync"], 2, tmp_path / "logs_a")
-    run_ok(WORKER, [tmp_path / "run", tmp_path / "out", 8, "--restore-mode", "broadcast"], 2, tmp_path / "logs_b")
-    assert_same_run(tmp_path / "ref", tmp_path / "out", 2)

@@ -1,6 +1,7 @@
 """FSDP2 (DTensor-sharded) state: saved by 2 ranks as pieces with offsets, restored on 2, 4 and 1
-ranks (and by a plain single process) bitwise, each rank reading only the byte ranges it needs; a
-single-process checkpoint restored into FSDP2 on 2 ranks.  Training continues after each restore."""
+ranks (and by a plain single process) bitwise, each rank reading only the byte ranges it needs; saved
+by 4 ranks, restored on 2; a single-process checkpoint restored into FSDP2 on 2 ranks.  Training
+continues after each restore."""
 
 from __future__ import annotations
 
@@ -28,15 +29,18 @@ def assert_equal_files(expected: Path, restored: Path) -> None:
 
 
 def checkpoint_bytes(run: Path) -> int:
-    (step,) = [p for p in run.iterdir() if p.name.startswith("step_")]
-    return sum(f.stat().st_size for f in step.iterdir())
+    return sum(f.stat().st_size for f in (run / "step_000000003").iterdir())
+
+
+def save_on(world: int, root: Path) -> Path:
+    run_ok(WORKER, ["save", root / "run", root / "out"], world, root / "logs")
+    return root
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run saved by 2 FSDP2 ranks at step 3, with the full state it must restore to."""
-    root = tmp_path_factory.mktemp("fsdp")
-    run_ok(WORKER, ["save", root / "run", root / "out"], 2, root / "logs")
+    root = save_on(2, tmp_path_factory.mktemp("fsdp"))
     manifest = Manifest.from_json((root / "run" / "step_000000003" / "manifest.json").read_bytes(), "test")
     assert manifest.world_size == 2 and manifest.format_version == "1.2"
     weight = manifest.sharded["model/0.weight"]
@@ -62,6 +66,18 @@ def test_fsdp2_checkpoint_of_2_ranks_restores_on_any_world_size(saved: Path, tmp
     if mode == "broadcast":  # rank 0 reads (each byte once), the others receive
         assert read[1:] == [0] * (world - 1) and 0 < read[0] <= total, (read, total)
     assert unbroken.list_checkpoints(run, verify=True)[-1].step == 5  # the continued run saved again
+
+
+@pytest.mark.timeout(180)
+def test_fsdp2_checkpoint_of_4_ranks_restores_on_2(tmp_path: Path) -> None:
+    saved4 = save_on(4, tmp_path / "saved4")
+    manifest = Manifest.from_json((saved4 / "run" / "step_000000003" / "manifest.json").read_bytes(), "test")
+    assert [s.shape for s in manifest.sharded["model/2.weight"].shards] == [(4, 1024)] * 3 + [(1, 1024)]
+    ranks = run_ok(WORKER, ["restore", saved4 / "run", tmp_path / "out"], 2, tmp_path / "logs")
+    assert "RESTORED 3 LOSS" in ranks[0].output()
+    assert_equal_files(saved4 / "out" / "expected.safetensors", tmp_path / "out" / "restored.safetensors")
+    read = [int((tmp_path / "out" / f"read{r}.txt").read_text()) for r in range(2)]
+    assert all(0 < n < 0.6 * checkpoint_bytes(saved4 / "run") for n in read)  # about half each
 
 
 def test_fsdp2_checkpoint_restores_into_a_plain_model_in_one_process(saved: Path) -> None:

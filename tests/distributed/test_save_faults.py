@@ -20,8 +20,7 @@ def leftovers(run: Path) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["sync", "async"])
-@pytest.mark.parametrize("fault", ["file.write:1:eio", "file.fsync:1:enospc"])
+@pytest.mark.parametrize("fault, mode", [("file.write:1:eio", "sync"), ("file.fsync:1:enospc", "async")])
 def test_an_io_error_on_one_rank_fails_the_save_on_every_rank(tmp_path: Path, fault: str, mode: str) -> None:
     run = tmp_path / "run"
     args = [run] + (["--async"] if mode == "async" else [])
