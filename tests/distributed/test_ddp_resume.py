@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from unbroken import list_checkpoints
+from unbroken.format import Manifest
 
 from .harness import HERE, kill_all, launch, run_ok, wait_all, wait_for
 
@@ -55,3 +56,21 @@ def test_sigkill_every_rank_mid_run_then_resume_is_bitwise_exact(tmp_path: Path,
     records = list_checkpoints(tmp_path / "run", verify=True)
     assert records and all(r.valid for r in records)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".staging")]
+
+
+@pytest.mark.timeout(120)
+def test_a_corrupt_byte_only_one_rank_reads_makes_every_rank_fall_back(tmp_path: Path) -> None:
+    """Rank 1 alone reads its own RNG streams: it finds the damage, and both ranks resume from the
+    previous checkpoint together (never from two different steps)."""
+    run = tmp_path / "run"
+    run_ok(WORKER, [run, tmp_path / "out", 4, "--sync"], 2, tmp_path / "logs_a")
+    newest = run / "step_000000004"
+    manifest = Manifest.from_json((newest / "manifest.json").read_bytes(), "test")
+    entry = manifest.tensors["unbroken.rank00001/unbroken.rng/torch"]
+    data = bytearray((newest / entry.file).read_bytes())
+    data[entry.begin + 100] ^= 0x10
+    (newest / entry.file).write_bytes(bytes(data))
+    ranks = run_ok(WORKER, [run, tmp_path / "out", 6], 2, tmp_path / "logs_b")
+    for r in ranks:
+        assert "START 2" in r.output(), r.output()
+        assert "skipping checkpoint" in r.output() and "rank 1" in r.output() and "checksum mismatch" in r.output()
