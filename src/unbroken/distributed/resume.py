@@ -137,5 +137,5 @@ def _agree(world: World, failure: Exception | None, where: str, explicit: bool) 
     rank, verdict = bad[0]
     message = f"skipping checkpoint {where}: rank {rank}: {verdict['error']}"
     log.warning(message)
-    warnings.warn(message, CheckpointSkippedWarning, stacklevel=4)
+    warnings.warn(message, CheckpointSkippedWarning, stacklevel=6)  # the caller of CheckpointManager.restore
     return True
