@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .codec import encode
-from .distributed.shards import whole_tensors
+from .distributed.shards import holds_dtensors, whole_tensors
 from .format import Manifest
 from .gcpause import paused_gc
 from .io import FilePlan, live_runs, mapped_tensors, read_manifest, write_checkpoint
@@ -68,7 +68,7 @@ def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any]
                     rng: bool = True) -> Manifest:
     """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
     manifest = read_manifest(storage, name)
-    if manifest.rank_state is not None or manifest.sharded:  # saved by several ranks
+    if manifest.rank_state is not None or manifest.sharded or holds_dtensors(state):  # several ranks' or into DTensors
         from .distributed.load import load_single
 
         load_single(storage, name, manifest, state, strict, rng)

@@ -18,7 +18,7 @@ import torch
 from ..errors import UnserializableStateError
 
 __all__ = ["LocalShard", "Box", "is_dtensor", "local_shard", "region_of", "overlap", "volume", "as_like",
-           "whole_tensors"]
+           "whole_tensors", "holds_dtensors"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 
@@ -126,3 +126,17 @@ def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tensor = tensor.to_local()
         out[name] = tensor
     return out
+
+
+def holds_dtensors(state: Any) -> bool:
+    """Whether a live state's modules or optimizers hold DTensors (they must be loaded as DTensors)."""
+    for value in state.values():
+        if isinstance(value, torch.nn.Module):
+            params = list(value.parameters())
+        elif isinstance(value, torch.optim.Optimizer):
+            params = [p for group in value.param_groups for p in group["params"]]
+        else:
+            continue
+        if any(is_dtensor(p) for p in params):
+            return True
+    return False

@@ -22,6 +22,7 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorEntry
 from ..io.checksum import crc32c
+from ..io.plan import SMALL_TENSOR
 from ..io.reader import check_crc, check_tensor_file, read_manifest
 from ..io.tensor_bytes import byte_view
 from ..storage import ReadHandle, Storage
@@ -110,10 +111,14 @@ def _start(manifest: Manifest, need: Need) -> int:
 
 
 def _runs(needs: list[Need], manifest: Manifest) -> list[list[Need]]:
-    """Needs of one file, in file order, grouped into contiguous runs of at most COALESCE_BYTES."""
+    """Needs of one file, in file order: small ones grouped into contiguous runs of at most
+    COALESCE_BYTES (one read each); a large one alone, so its buffer can become the tensor."""
     runs: list[list[Need]] = []
     for need in needs:
-        if runs:
+        if need.hi - need.lo > SMALL_TENSOR:
+            runs.append([need])
+            continue
+        if runs and runs[-1][-1].hi - runs[-1][-1].lo <= SMALL_TENSOR:
             last, first = runs[-1][-1], runs[-1][0]
             end = _start(manifest, last) + last.hi - last.lo
             if _start(manifest, need) == end and end - _start(manifest, first) + need.hi - need.lo <= COALESCE_BYTES:
