@@ -107,3 +107,13 @@ def test_single_process_checkpoint_restores_into_fsdp2_on_2_ranks(tmp_path: Path
     for pid, per in opt.state_dict()["state"].items():
         for key, value in per.items():
             assert torch.equal(torch.as_tensor(value), restored[f"opt/{pid}/{key}"]), (pid, key)
+
+
+@pytest.mark.timeout(120)
+def test_fsdp2_on_one_rank_saves_whole_tensors_and_restores_into_dtensors(tmp_path: Path) -> None:
+    saved1 = save_on(1, tmp_path / "saved1")
+    manifest = Manifest.from_json((saved1 / "run" / "step_000000003" / "manifest.json").read_bytes(), "test")
+    assert manifest.rank_state is None and not manifest.sharded  # a plain single-process checkpoint
+    ranks = run_ok(WORKER, ["restore", saved1 / "run", tmp_path / "out"], 1, tmp_path / "logs")
+    assert "RESTORED 3 LOSS" in ranks[0].output()
+    assert_equal_files(saved1 / "out" / "expected.safetensors", tmp_path / "out" / "restored.safetensors")
