@@ -4,7 +4,8 @@ rank's environment only), for tests/distributed/test_save_faults.py.
     fault_worker.py RUN [--async]
 
 Prints ``RAISED <seconds> <error type>: <message>`` for the first save, then tries a second save
-(unless the job lost a rank) and prints ``SAVED 2`` or ``RAISED2 ...``.
+(unless the job lost a rank) and prints ``SAVED 2`` or ``RAISED2 ...``.  With ``HANG_RANK=r`` in the
+environment, rank r never joins the save (it sleeps, then exits): the others must time out.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def main() -> None:
     model(torch.randn(2, 64)).sum().backward()
     opt.step()
     ckpt = unbroken.CheckpointManager(run, {"model": model, "optimizer": opt}, async_save=background,
-                                      dist_timeout=20)
+                                      dist_timeout=float(os.environ.get("DIST_TIMEOUT", "20")))
+    if os.environ.get("HANG_RANK") == str(dist.get_rank()):
+        time.sleep(float(os.environ.get("DIST_TIMEOUT", "20")) + 2)
+        os._exit(0)
     started = time.monotonic()
     lost_a_rank = False
     try:

@@ -46,3 +46,14 @@ def test_a_rank_killed_mid_save_makes_every_other_rank_raise(tmp_path: Path) -> 
         assert float(out.split("RAISED ", 1)[1].split()[0]) < 25
     assert list_checkpoints(run) == []
     assert leftovers(run) == []  # rank 0 removed the staging area
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_never_joins_the_save_makes_the_others_raise_after_the_timeout(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ranks = launch(WORKER, [run], 2, tmp_path / "logs", env={"HANG_RANK": "1", "DIST_TIMEOUT": "5"})
+    wait_all(ranks, timeout=90)
+    out = ranks[0].output()
+    assert "RAISED " in out and "DistributedError" in out and "timeout" in out, out
+    assert 4 < float(out.split("RAISED ", 1)[1].split()[0]) < 15
+    assert list_checkpoints(run) == [] and leftovers(run) == []

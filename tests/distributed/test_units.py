@@ -180,3 +180,19 @@ def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_p
     data = DirectSource().fetch(storage, "step_000000001", manifest, plan.needs)
     with pytest.raises(CorruptCheckpointError, match="overlap"):
         build_tensors(plan, manifest, data)
+
+
+def test_ranks_whose_models_differ_are_not_committed() -> None:
+    from unbroken.checkpoint import build_manifest
+    from unbroken.distributed.assemble import assemble, failure_report
+    from unbroken.distributed.rankplan import plan_rank
+    from unbroken.errors import StorageError
+    from unbroken.state import capture
+
+    plans = [plan_rank(capture({"model": torch.nn.Linear(3, n)}, rng=False), rank, 2) for rank, n in enumerate((4, 5))]
+    base = build_manifest(capture({"model": torch.nn.Linear(3, 4)}, rng=False), 1, None, None)
+    reports = [{"ok": True, "rank": p.rank, "digest": p.digest(), "layout": p.layout} for p in plans]
+    with pytest.raises(StorageError, match=r"rank 1's model/optimizer state does not match rank 0's .*model/weight"):
+        assemble(base, plans[0], reports)
+    with pytest.raises(StorageError, match="rank 1 failed to write its file: OSError"):
+        assemble(base, plans[0], [reports[0], failure_report(1, OSError(5, "Input/output error"))])

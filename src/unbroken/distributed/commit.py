@@ -86,7 +86,12 @@ def _open_staging(world: World, storage: Storage, name: str, step: int, local: _
         except Exception as exc:
             local.error = exc
             opened = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
-    opened = world.saving.broadcast_json(opened)
+    try:
+        opened = world.saving.broadcast_json(opened)
+    except BaseException:
+        if staging is not None:  # not yet handed to the caller, which aborts it after this point
+            staging.abort()
+        raise
     if "error" in opened:
         raise _failed(f"saving step {step} to {storage.url} failed: rank 0 could not create the staging area: "
                       f"{opened['error']}", opened.get("errno")) from local.error
