@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from .codec import decode
 from .errors import CheckpointNotFoundError
 from .format import Manifest
+from .format.dtypes import itemsize
 from .io import read_manifest, verify_checkpoint
 from .records import CheckpointRecord, decode_metrics, record_of, scan
 from .resume import is_checkpoint_dir, open_run, split_checkpoint_path
@@ -62,12 +64,18 @@ def read_info(path: str | os.PathLike[str], storage_options: dict[str, Any] | No
 
     def info(tensor: str) -> TensorInfo:
         entry = manifest.tensors.get(tensor)
+        sharded = manifest.sharded.get(tensor)
+        if sharded is not None:  # saved by several ranks as pieces: the whole tensor's dtype and shape
+            return TensorInfo(tensor, sharded.dtype, sharded.shape, math.prod(sharded.shape) * itemsize(sharded.dtype))
         if entry is None:
             return TensorInfo(tensor, "MISSING", (), 0)
         return TensorInfo(tensor, entry.dtype, entry.shape, entry.end - entry.begin)
 
     state = {key: (str(node.get("kind")), decode(node.get("value"), info)) for key, node in manifest.state.items()
              if isinstance(node, dict)}
+    for key, node in (manifest.rank_state or [{}])[0].items():  # per-rank entries: rank 0's stand for all
+        if isinstance(node, dict):
+            state[f"{key} (rank 0 of {manifest.world_size})"] = (str(node.get("kind")), decode(node.get("value"), info))
     return CheckpointInfo(manifest, state, decode_metrics(manifest.metrics))
 
 
