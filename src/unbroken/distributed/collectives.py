@@ -32,8 +32,9 @@ class Comm:
             return call()
         except Exception as exc:  # gloo raises RuntimeError / DistBackendError subclasses
             self.broken = f"{what}: {exc}"
-            raise DistributedError(f"rank {self.rank}: {what} among {self.size} ranks failed (a rank died, "
-                                  f"or did not arrive within the timeout): {exc}") from exc
+            raise DistributedError(f"rank {self.rank}: {what} among {self.size} ranks failed: a rank died, hangs, or "
+                                   "did not make the same call (every rank must call restore(), step(), save() and "
+                                   f"close() of its manager): {exc}") from exc
 
     # -- bytes ------------------------------------------------------------------------------------
     def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
