@@ -164,10 +164,15 @@ def test_ranks_at_different_positions_cannot_be_re_split() -> None:
         samplers[0].reshard_state_dict([s.state_dict() for s in samplers])
 
 
-def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pairwise", [64, 0])  # the pairwise check, and the coverage mask for many pieces
+def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_path: Path, pairwise: int,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A sharded tensor whose pieces overlap (leaving a gap elsewhere) must never load garbage."""
+    from unbroken.distributed import load
     from unbroken.distributed.load import build_tensors, plan_load
     from unbroken.distributed.sources import DirectSource
+
+    monkeypatch.setattr(load, "_MAX_PAIRWISE", pairwise)
 
     model = torch.nn.Linear(2, 4, bias=False)
     storage = LocalStorage(tmp_path / "run")
@@ -178,7 +183,7 @@ def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_p
     manifest.state["model"]["value"]["weight"] = {"__tensor__": "model/weight#s"}
     plan = plan_load(manifest, {"model": torch.nn.Linear(2, 8, bias=False)}, 0, 1, strict=True)
     data = DirectSource().fetch(storage, "step_000000001", manifest, plan.needs)
-    with pytest.raises(CorruptCheckpointError, match="overlap"):
+    with pytest.raises(CorruptCheckpointError, match="overlap or leave part"):
         build_tensors(plan, manifest, data)
 
 

@@ -34,6 +34,8 @@ from .sources import DirectSource, Need, aligned
 
 __all__ = ["LoadPlan", "plan_load", "build_tensors", "apply", "load_single"]
 
+_MAX_PAIRWISE = 64
+
 
 @dataclass
 class _Piece:
@@ -137,24 +139,35 @@ def _assemble(name: str, target: _Target, manifest: Manifest, data: dict[Need, t
         if whole.untyped_storage().nbytes() != whole.nbytes:  # a view into a larger read: own the memory
             whole = whole.clone()
         return as_like(target.live, whole) if target.live is not None else whole
+    if target.sharded:
+        _check_exact_cover(name, target)
     out = torch.empty(shape, dtype=dtype)
-    covered = torch.zeros(shape, dtype=torch.bool) if target.sharded else None
     for piece in target.pieces:
         rows = _piece_rows(piece, manifest.tensors[piece.need.tensor], data[piece.need], dtype)
         starts = (0,) + tuple(o - so for o, so in zip(piece.box[0][1:], piece.stored.offsets[1:])) if shape else ()
         source = rows[tuple(slice(s, s + n) for s, n in zip(starts, piece.box[1]))]
-        place = tuple(slice(o - bo, o - bo + n) for o, bo, n in zip(piece.box[0], offsets, piece.box[1]))
-        if covered is not None:
-            if covered[place].any():
-                raise CorruptCheckpointError(f"the saved pieces of {name!r} overlap at {list(piece.box[0])}")
-            covered[place] = True
-        out[place] = source
-    if covered is not None and not bool(covered.all()):
-        raise CorruptCheckpointError(f"the saved pieces of {name!r} leave part of {list(offsets)}+{list(shape)} "
-                                     "uncovered")
+        out[tuple(slice(o - bo, o - bo + n) for o, bo, n in zip(piece.box[0], offsets, piece.box[1]))] = source
     if not target.sharded and not target.pieces and math.prod(shape):
         raise CorruptCheckpointError(f"internal error: nothing read for {name!r}")
     return as_like(target.live, out) if target.live is not None else out
+
+
+def _check_exact_cover(name: str, target: _Target) -> None:
+    """The pieces must cover the box once: pairwise disjoint, and their volumes add up to the box's.
+    (Crafted offsets could otherwise leave part of the tensor uninitialised.)  Few pieces overlap one
+    box, so the pairwise check is cheap; beyond _MAX_PAIRWISE pieces a coverage mask is used."""
+    boxes = [piece.box for piece in target.pieces]
+    if len(boxes) > _MAX_PAIRWISE:
+        covered = torch.zeros(target.box[1], dtype=torch.int32)
+        for offsets, shape in boxes:
+            covered[tuple(slice(o - bo, o - bo + n) for o, bo, n in zip(offsets, target.box[0], shape))] += 1
+        exact = bool((covered == 1).all())
+    else:
+        exact = (sum(math.prod(b[1]) for b in boxes) == math.prod(target.box[1])
+                 and not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]))
+    if not exact:
+        raise CorruptCheckpointError(f"the saved pieces of {name!r} overlap or leave part of "
+                                     f"{list(target.box[0])}+{list(target.box[1])} uncovered")
 
 
 def _piece_rows(piece: _Piece, entry: TensorEntry, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
