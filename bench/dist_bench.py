@@ -174,7 +174,8 @@ def main() -> None:
     result = table(args.worlds, args)
     command = " ".join(["bench/dist_bench.py"] + sys.argv[1:])
     header = (f"## Distributed save/restore ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} "
-              f"cores, torch {torch.__version__}, gloo, one thread per rank)\n\nCommand: `.venv/bin/python {command}`\n")
+              f"cores, torch {torch.__version__}, gloo, one thread per rank)\n\n"
+              f"Command: `.venv/bin/python {command}`\n")
     print("\n" + header + "\n" + result)
     if args.record:
         with open(HERE / "RESULTS.md", "a", encoding="utf-8") as out:

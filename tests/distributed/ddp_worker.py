@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import os
 import random
 import sys
 from pathlib import Path

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from unbroken import list_checkpoints
 from unbroken.format import Manifest
 
-from .harness import HERE, kill_all, launch, run_ok, wait_all, wait_for
+from .harness import HERE, kill_all, launch, run_ok, wait_for
 
 WORKER = HERE / "ddp_worker.py"
 STEPS = 12

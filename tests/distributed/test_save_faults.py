@@ -54,6 +54,7 @@ def test_a_rank_that_never_joins_the_save_makes_the_others_raise_after_the_timeo
     ranks = launch(WORKER, [run], 2, tmp_path / "logs", env={"HANG_RANK": "1", "DIST_TIMEOUT": "5"})
     wait_all(ranks, timeout=90)
     out = ranks[0].output()
-    assert "RAISED " in out and "DistributedError" in out and "Timed out" in out and "did not make the same call" in out, out
+    assert "RAISED " in out and "DistributedError" in out and "Timed out" in out, out
+    assert "did not make the same call" in out, out
     assert 4 < float(out.split("RAISED ", 1)[1].split()[0]) < 15
     assert list_checkpoints(run) == [] and leftovers(run) == []

@@ -9,13 +9,16 @@ after one, the group's message order is unknown, so the :class:`Comm` refuses fu
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from ..errors import DistributedError
 
 __all__ = ["Comm"]
+
+T = TypeVar("T")
 
 
 class Comm:
@@ -25,7 +28,7 @@ class Comm:
         self.group, self.rank, self.size = group, rank, size
         self.broken: str | None = None
 
-    def _run(self, what: str, call: Any) -> Any:
+    def _run(self, what: str, call: Callable[[], T]) -> T:
         if self.broken is not None:
             raise DistributedError(f"unbroken's process group failed earlier ({self.broken}); restart the job")
         try:

@@ -28,7 +28,7 @@ from ..state import capture, restore_state
 from ..state.objects import Kind, classify
 from .rankstate import choose_entries, derive_rng, saved_ranks
 from .roles import tensor_refs
-from .shards import Box, as_like, is_dtensor, overlap, region_of
+from .shards import Box, as_like, is_dtensor, overlap, region_of, volume
 from ..storage import Storage
 from .sources import DirectSource, Need, aligned
 
@@ -147,7 +147,7 @@ def _assemble(name: str, target: _Target, manifest: Manifest, data: dict[Need, t
         starts = (0,) + tuple(o - so for o, so in zip(piece.box[0][1:], piece.stored.offsets[1:])) if shape else ()
         source = rows[tuple(slice(s, s + n) for s, n in zip(starts, piece.box[1]))]
         out[tuple(slice(o - bo, o - bo + n) for o, bo, n in zip(piece.box[0], offsets, piece.box[1]))] = source
-    if not target.sharded and not target.pieces and math.prod(shape):
+    if not target.sharded and not target.pieces and volume(target.box):
         raise CorruptCheckpointError(f"internal error: nothing read for {name!r}")
     return as_like(target.live, out) if target.live is not None else out
 
@@ -163,7 +163,7 @@ def _check_exact_cover(name: str, target: _Target) -> None:
             covered[tuple(slice(o - bo, o - bo + n) for o, bo, n in zip(offsets, target.box[0], shape))] += 1
         exact = bool((covered == 1).all())
     else:
-        exact = (sum(math.prod(b[1]) for b in boxes) == math.prod(target.box[1])
+        exact = (sum(volume(b) for b in boxes) == volume(target.box)
                  and not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]))
     if not exact:
         raise CorruptCheckpointError(f"the saved pieces of {name!r} overlap or leave part of "

@@ -94,12 +94,13 @@ def _all_equal(nodes: list[Json | None], tensors: dict[str, TensorEntry]) -> boo
 def _reshard(key: str, nodes: list[Json | None], live: Any, choice: RankChoice) -> None:
     hook = getattr(live, "reshard_state_dict", None)
     saved = f"{len(nodes)} saved ranks"
-    if not callable(hook) or any(not isinstance(n, dict) or "value" not in n for n in nodes):
+    entries = [n for n in nodes if isinstance(n, dict) and "value" in n]
+    if not callable(hook) or len(entries) != len(nodes):
         choice.problems.append(f"{key!r}: differs between the {saved} and its object has no "
                                "reshard_state_dict() to split it across a different number of ranks")
         return
     try:
-        states = [decode(node["value"], _no_tensor) for node in nodes]  # type: ignore[index]
+        states = [decode(entry["value"], _no_tensor) for entry in entries]
     except CorruptCheckpointError:
         choice.problems.append(f"{key!r}: differs between the {saved} and holds tensors; it cannot be re-split")
         return
@@ -108,7 +109,7 @@ def _reshard(key: str, nodes: list[Json | None], live: Any, choice: RankChoice) 
     except StateMismatchError as exc:
         choice.problems.append(f"{key!r}: {exc}")
         return
-    node = dict(nodes[0])  # type: ignore[arg-type]
+    node = dict(entries[0])
     node["value"] = encode(state, key, _no_tensor_out)
     choice.tree[key] = node
 

@@ -28,7 +28,7 @@ _REF_TAGS = ("__tensor__", "__ndarray__")
 
 def split_entries(tree: dict[str, Json]) -> tuple[dict[str, Json], dict[str, Json]]:
     """``(shared, per_rank)`` entries of a snapshot's state tree, each in the original order."""
-    shared = {k: v for k, v in tree.items() if isinstance(v, dict) and v.get("kind") in SHARED_KINDS}
+    shared: dict[str, Json] = {k: v for k, v in tree.items() if entry_kind(v) in SHARED_KINDS}
     return shared, {k: v for k, v in tree.items() if k not in shared}
 
 

@@ -111,7 +111,7 @@ def as_like(target: Any, local: torch.Tensor) -> Any:
                               run_check=False, shape=target.shape, stride=target.stride())
 
 
-def whole_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def whole_tensors(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``tensors`` for a single-process save: a DTensor on a one-device mesh is its local tensor (the
     whole); one spread over several ranks cannot be saved by one process."""
     if not any(is_dtensor(t) for t in tensors.values()):

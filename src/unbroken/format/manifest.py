@@ -316,7 +316,7 @@ def _shard(shard: Any, name: str, dtype: str, dims: tuple[int, ...], tensors: di
     offsets = tuple(_count(o, f"shard offsets of {name}", where) for o in shard["offsets"])
     shape = tuple(_count(d, f"shard shape of {name}", where) for d in shard["shape"])
     stored = tensors.get(tensor) if isinstance(tensor, str) else None
-    if stored is None or stored.dtype != dtype or stored.shape != shape:
+    if not isinstance(tensor, str) or stored is None or stored.dtype != dtype or stored.shape != shape:
         raise CorruptCheckpointError(f"{where}: a shard of {name!r} refers to {tensor!r}, which is not a listed "
                                      f"{dtype}{list(shape)} tensor")
     if len(offsets) != len(dims) or len(shape) != len(dims) or any(
