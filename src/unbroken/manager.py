@@ -80,7 +80,7 @@ class CheckpointManager:
         self._mirror: Mirror | None = None
         # Under torch.distributed (world size > 1) every rank saves its part of one checkpoint and rank 0
         # commits it; unbroken/distributed/ holds the protocol.  Collective: every rank builds its manager.
-        self._dist: DistributedRun | None = attach(self.config.restore_mode, self.config.dist_timeout)
+        self._dist: DistributedRun | None = attach(self.storage, self.config.restore_mode, self.config.dist_timeout)
         self._schedule = self.config.schedule() if self._dist is None else self._dist.schedule(self.config.schedule())
         self._policies = self.config.policies()
         if self._dist is None:

@@ -9,6 +9,7 @@ coordinator (rank 0) locks the run directory and applies retention.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -24,6 +25,8 @@ from .world import DEFAULT_TIMEOUT_S, World
 __all__ = ["DistributedRun", "attach", "RESTORE_MODES"]
 
 RESTORE_MODES = ("direct", "broadcast")
+
+log = logging.getLogger("unbroken")
 
 
 class DistributedRun:
@@ -66,9 +69,26 @@ class _AgreedSchedule(SaveSchedule):
         return self._world.control.any_true(super().due(step))
 
 
-def attach(restore_mode: str = "direct", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedRun | None:
-    """The distributed role of a new manager, or None for a single process (collective otherwise)."""
+def attach(storage: Storage, restore_mode: str = "direct", timeout_s: float = DEFAULT_TIMEOUT_S
+           ) -> DistributedRun | None:
+    """The distributed role of a new manager on ``storage``, or None when it saves on its own.
+
+    None for a single process, and when the ranks opened different run directories (each rank
+    checkpoints independently into its own, as before multi-rank checkpoints existed).  Collective
+    under torch.distributed: every rank builds its manager.
+    """
     if restore_mode not in RESTORE_MODES:
         raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {restore_mode!r}")
     world = World.detect(timeout_s)
-    return None if world is None else DistributedRun(world, restore_mode)
+    if world is None:
+        return None
+    runs = world.control.all_gather_json(storage.url)
+    if any(run != runs[0] for run in runs):
+        log.info("rank %d checkpoints into its own run directory %s (the ranks' directories differ)", world.rank,
+                 storage.url)
+        return None
+    if type(storage).join is Storage.join:
+        raise NotImplementedError(f"{storage.url}: several ranks cannot save one checkpoint on "
+                                  f"{type(storage).__name__} yet. Fix: a run directory on a filesystem every rank "
+                                  "shares, or one run directory per rank (e.g. .../rank{RANK})")
+    return DistributedRun(world, restore_mode)
