@@ -5,7 +5,8 @@
 
 Writes ``START <step>``, ``STEP <n>`` after each step and ``DONE <digest>`` at the end to stdout, one
 write(2) per line.  With ``--distributed`` it joins a gloo process group from the environment
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains a DDP model and checkpoints into RUN_DIR/rank<r>.
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), trains a DDP model and all ranks checkpoint together
+into RUN_DIR.
 """
 
 from __future__ import annotations
@@ -56,8 +57,7 @@ def main() -> None:
     rank = 0
     if args.distributed:
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-        rank = torch.distributed.get_rank()
-        run_dir = f"{run_dir}/rank{rank}"
+        rank = torch.distributed.get_rank()  # every rank saves its part of one checkpoint in run_dir
     torch.manual_seed(0)
     model: nn.Module = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     if args.distributed:

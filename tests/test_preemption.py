@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -246,5 +247,30 @@ def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_same_step(tmp_path: 
     steps = [stopped_step(err) for _, _, err in results]
     assert steps[0] == steps[1]
     assert "another rank is stopping" in results[0][2] and "received SIGTERM" in results[1][2]
-    for rank in range(2):
-        assert unbroken.list_checkpoints(run / f"rank{rank}", verify=True)[-1].step == steps[0]
+    assert unbroken.list_checkpoints(run, verify=True)[-1].step == steps[0]  # one checkpoint, both ranks
+
+
+def test_handlers_of_managers_dropped_without_close_never_kill_the_process(tmp_path: Path) -> None:
+    # Managers that were never closed leave their handlers in the chain under newer ones; a signal
+    # that a live manager took must never reach the default action (death) through them.  In a
+    # subprocess: the bug this guards against killed the test process itself.
+    script = tmp_path / "stale.py"
+    script.write_text(textwrap.dedent(f"""
+        import gc, os, signal, torch, unbroken
+        for n in range(3):
+            unbroken.CheckpointManager({str(tmp_path)!r} + f"/old{{n}}", {{"w": torch.ones(2)}})
+        gc.collect()
+        ckpt = unbroken.CheckpointManager({str(tmp_path / "run")!r}, {{"w": torch.ones(2)}}, on_stop="raise",
+                                          async_save=False)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        try:
+            ckpt.step(1)
+        except unbroken.Preempted:
+            print("stopped and alive", flush=True)
+        unbroken.CheckpointManager({str(tmp_path / "other")!r}, {{"w": torch.ones(2)}}).close()
+        os.kill(os.getpid(), signal.SIGUSR1)  # no manager left: the default action again
+        print("not reached", flush=True)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert "stopped and alive" in done.stdout, done.stderr
+    assert "not reached" not in done.stdout and done.returncode == -signal.SIGUSR1

@@ -145,25 +145,33 @@ class StopWatch:
         self._active = False
         for sig, previous in list(self._previous.items()):
             if signal.getsignal(sig) == self._handle:
+                # Skip the handlers of other closed managers below ours: the chain shrinks back.
+                previous = _live_below(previous, sig)
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
                 del self._previous[sig]
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only records: the save happens at the next step boundary, outside the handler.
-        sig = signal.Signals(signum)
+        self._deliver(signal.Signals(signum), frame, taken=False)
+
+    def _deliver(self, sig: signal.Signals, frame: FrameType | None, taken: bool) -> None:
+        """Record (if open) and pass ``sig`` down the chain of handlers installed before ours.
+
+        ``taken``: a live handler above already acted on it.  Only when nobody did (every unbroken
+        handler on the way is closed and the chain ends in SIG_DFL) is the default action carried
+        out, exactly as if no handler of ours had ever been installed."""
+        if self._active and self.requested is None:
+            self.requested = sig
+        taken = taken or self._active
         previous = self._previous.get(sig)
-        if self._active:
-            if self.requested is None:
-                self.requested = sig
-            if callable(previous):  # chain to a handler installed before ours
-                previous(signum, frame)
-            return
-        # A closed manager's handler left under someone else's: behave as if it were not there.
-        if callable(previous):
-            previous(signum, frame)
-        elif previous in (signal.SIG_DFL, None):
+        below = getattr(previous, "__self__", None)
+        if isinstance(below, StopWatch):
+            below._deliver(sig, frame, taken)
+        elif callable(previous):
+            previous(int(sig), frame)
+        elif not taken and previous in (signal.SIG_DFL, None):
             signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), int(sig))
 
     def step_done(self) -> None:
         now = time.monotonic()
@@ -185,6 +193,15 @@ class StopWatch:
         if remaining < needed:
             return f"deadline in {max(remaining, 0):.0f} s, and a step plus a save take up to {needed:.0f} s"
         return None
+
+
+def _live_below(handler: _Handler, sig: signal.Signals) -> _Handler:
+    """``handler``, or the first handler under it that is not a closed manager's."""
+    watch = getattr(handler, "__self__", None)
+    while isinstance(watch, StopWatch) and not watch._active:
+        handler = watch._previous.get(sig, signal.SIG_DFL)
+        watch = getattr(handler, "__self__", None)
+    return handler
 
 
 def absolute_deadline(max_runtime: float | None, deadline: float | None, from_slurm: bool) -> float | None:
