@@ -215,8 +215,16 @@ def test_leftovers_of_a_crashed_child_are_killed(tmp_path: Path) -> None:
 
 # -- signals ------------------------------------------------------------------------------------------
 
+def _default_stop_signals() -> None:
+    # A test runner may run us with SIGINT/SIGHUP ignored (pytest-xdist workers do); an ignored signal
+    # is inherited and stays ignored by design, which is not what these tests are about.
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start_supervisor(*args: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(supervisor_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(supervisor_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_stop_signals)  # noqa: PLW1509 - no threads start children here
 
 
 def test_sigterm_is_forwarded_and_stops_supervision(tmp_path: Path) -> None:
