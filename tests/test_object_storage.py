@@ -85,7 +85,10 @@ def test_two_tiers_keep_their_own_retention_and_a_new_machine_restores_from_the_
     saved = weights(state)
     ckpt.close()  # waits for the last upload
     assert [r.step for r in unbroken.list_checkpoints(tmp_path / "machine-a")] == [5, 6]
-    assert remote_steps(s3_run) == [4, 5, 6]
+    # A commit arriving during an upload replaces the waiting one, so which older steps made it up
+    # depends on timing; the newest always does, and retention holds there.
+    uploaded = remote_steps(s3_run)
+    assert uploaded[-1] == 6 and len(uploaded) <= 3, uploaded
     fresh = make_state(1)
     other = unbroken.CheckpointManager(tmp_path / "machine-b", fresh, mirror_to=s3_run.url,
                                        mirror_options=s3_run.storage_options)

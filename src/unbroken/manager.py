@@ -6,11 +6,12 @@ import errno
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 import warnings
 import weakref
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
@@ -78,6 +79,7 @@ class CheckpointManager:
         # storage_options (credentials, endpoints) go to fsspec only: never into the config, a log or a checkpoint.
         self.storage: Storage = _open_run_directory(directory, storage_options)
         self._mirror: Mirror | None = None
+        self._retention_lock = threading.Lock()
         # Under torch.distributed (world size > 1) every rank saves its part of one checkpoint and rank 0
         # commits it; unbroken/distributed/ holds the protocol.  Collective: every rank builds its manager.
         self._dist: DistributedRun | None = attach(self.storage, self.config.restore_mode, self.config.dist_timeout)
@@ -108,9 +110,12 @@ class CheckpointManager:
         self._save_started = 0.0
         self._stopwatch.install()
         weakref.finalize(self, self._stopwatch.uninstall)
-        if self.config.mirror_to is not None:
+        # Under torch.distributed the coordinator alone uploads: the checkpoint is one, in a shared directory.
+        if self.config.mirror_to is not None and (self._dist is None or self._dist.is_coordinator):
             remote = open_storage(self.config.mirror_to, mirror_options, create=True)
-            self._mirror = Mirror(self.storage, remote, self.config.mirror_policies())
+            # Local retention skips the checkpoint being uploaded; it runs again once that upload is done.
+            self._mirror = Mirror(self.storage, remote, self.config.mirror_policies(),
+                                  on_uploaded=_weak_call(self._apply_retention))
 
     # -- resuming ---------------------------------------------------------------------------------
     def restore(self, step: int | None = None, path: str | os.PathLike[str] | None = None,
@@ -122,6 +127,8 @@ class CheckpointManager:
         """
         strict = self.config.strict if strict is None else strict
         if self._dist is not None:  # every rank restores the same checkpoint, or none does
+            if self._mirror is not None:  # rank 0: it lists the run for every rank after this download
+                self._mirror.fetch(step)
             return self._resumed(self._dist.restore(self.storage, self.state, strict, self.config.capture_rng,
                                                     step=step, path=path))
         removed = self.storage.cleanup()
@@ -277,6 +284,10 @@ class CheckpointManager:
     def _apply_retention(self) -> None:
         if not self._policies or (self._dist is not None and not self._dist.is_coordinator):
             return
+        with self._retention_lock:  # the writer thread and the mirror's uploader both call this
+            self._retain()
+
+    def _retain(self) -> None:
         valid = [r for r in scan(self.storage) if r.valid]
         keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], self._policies)
         uploading = self._mirror.busy if self._mirror is not None else None
@@ -374,3 +385,15 @@ def _open_run_directory(directory: str | os.PathLike[str], storage_options: dict
         raise StorageError(exc.errno, f"cannot write checkpoints to {path}: {hint}. Fix: choose a writable "
                            "directory (or fix its permissions/mount)") from exc
     return storage
+
+
+def _weak_call(method: Callable[[], None]) -> Callable[[str], None]:
+    """A callback to ``method`` that does not keep its object alive (the mirror thread would)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(_name: str) -> None:
+        target = ref()
+        if target is not None:
+            target()
+
+    return call

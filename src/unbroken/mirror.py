@@ -38,6 +38,7 @@ class Mirror:
         self._cond = threading.Condition()
         self._wanted: str | None = None
         self._busy: str | None = None
+        self._in_callback = False
         self._closed = False
         self.last_error: BaseException | None = None
         self.uploaded: list[str] = []
@@ -59,7 +60,7 @@ class Mirror:
         """Block until nothing is waiting or uploading; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._wanted is not None or self._busy is not None:
+            while self._wanted is not None or self._busy is not None or self._in_callback:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -110,7 +111,13 @@ class Mirror:
                 self._upload_with_retries(name)
             finally:
                 with self._cond:
-                    self._busy = None
+                    self._busy, self._in_callback = None, self._on_uploaded is not None
+            try:
+                if self._on_uploaded is not None:  # after busy is cleared: the uploaded one may go now
+                    self._on_uploaded(name)
+            finally:
+                with self._cond:
+                    self._in_callback = False
                     self._cond.notify_all()
 
     def _upload_with_retries(self, name: str) -> None:
@@ -141,8 +148,6 @@ class Mirror:
                      result.bytes / 1e6, result.seconds, result.mb_per_s)
         self.uploaded.append(name)
         self._apply_retention()
-        if self._on_uploaded is not None:
-            self._on_uploaded(name)
 
     def _apply_retention(self) -> None:
         if not self.policies:
