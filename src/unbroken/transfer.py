@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .format import MANIFEST_NAME, MAX_MANIFEST_BYTES
-from .io import read_manifest, verify_checkpoint
+from .io import read_manifest, read_manifest_bytes, verify_checkpoint
 from .storage import Staging, Storage
 
 __all__ = ["copy_checkpoint", "CopyResult"]
@@ -47,7 +46,7 @@ def copy_checkpoint(source: Storage, dest: Storage, name: str, verify_source: bo
     if dest.exists(name) and _is_committed(dest, name):
         return CopyResult(name, 0, 0.0, copied=False)
     manifest = verify_checkpoint(source, name) if verify_source else read_manifest(source, name)
-    raw_manifest = _read_all(source, name, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    raw_manifest = read_manifest_bytes(source, name)
     staging = dest.begin(name)
     copied = 0
     try:
@@ -94,11 +93,3 @@ def _copy_file(source: Storage, staging: Staging, name: str, file_name: str, pro
             raise
     return handle.size
 
-
-def _read_all(storage: Storage, name: str, file_name: str, cap: int) -> bytes:
-    with storage.open(name, file_name) as handle:
-        if handle.size > cap:
-            raise CorruptCheckpointError(f"{storage.url}/{name}/{file_name}: {handle.size} bytes, over the cap")
-        raw = bytearray(handle.size)
-        handle.read_into(0, memoryview(raw))
-    return bytes(raw)

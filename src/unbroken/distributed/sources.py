@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorEntry
+from ..format import MANIFEST_NAME, Manifest, TensorEntry
 from ..io.checksum import crc32c
 from ..io.plan import SMALL_TENSOR
-from ..io.reader import check_crc, check_tensor_file, read_manifest
+from ..io.reader import check_crc, check_tensor_file, read_manifest, read_manifest_bytes
 from ..io.tensor_bytes import byte_view
 from ..storage import ReadHandle, Storage
 from .collectives import Comm
@@ -218,14 +218,9 @@ class _ChunkReader:
 
 def _manifest_bytes(storage: Storage, name: str) -> bytes:
     """The raw manifest, validated (it parses and its seal matches), to hand to the other ranks."""
-    where = f"{storage.url}/{name}/{MANIFEST_NAME}"
-    with storage.open(name, MANIFEST_NAME) as handle:
-        if handle.size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"{where}: {handle.size} bytes, over the {MAX_MANIFEST_BYTES} cap")
-        raw = bytearray(handle.size)
-        handle.read_into(0, memoryview(raw))
-    Manifest.from_json(bytes(raw), where)
-    return bytes(raw)
+    raw = read_manifest_bytes(storage, name)
+    Manifest.from_json(raw, f"{storage.url}/{name}/{MANIFEST_NAME}")
+    return raw
 
 
 def _chunks(wanted: list[list[list[Any]]]) -> list[list[Any]]:

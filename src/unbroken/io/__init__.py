@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .plan import FilePlan, live_runs
-from .reader import mapped_tensors, read_manifest, read_tensors, verify_checkpoint
+from .reader import mapped_tensors, read_manifest, read_manifest_bytes, read_tensors, verify_checkpoint
 from .staging import HostStager, StagedSave
 from .writer import AsyncWriter, SyncWriter, Writer, write_checkpoint
 
-__all__ = ["mapped_tensors", "read_manifest", "read_tensors", "verify_checkpoint", "write_checkpoint", "Writer",
-           "SyncWriter",
-           "AsyncWriter", "FilePlan", "live_runs", "HostStager", "StagedSave"]
+__all__ = ["mapped_tensors", "read_manifest", "read_manifest_bytes", "read_tensors", "verify_checkpoint",
+           "write_checkpoint", "Writer", "SyncWriter", "AsyncWriter", "FilePlan", "live_runs", "HostStager",
+           "StagedSave"]

@@ -20,17 +20,22 @@ from .checksum import crc32c
 from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
 from .tensor_bytes import byte_view
 
-__all__ = ["read_manifest", "read_tensors", "mapped_tensors", "verify_checkpoint", "check_tensor_file", "check_crc"]
+__all__ = ["read_manifest", "read_manifest_bytes", "read_tensors", "mapped_tensors", "verify_checkpoint", "check_tensor_file", "check_crc"]
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
+    return Manifest.from_json(read_manifest_bytes(storage, name), f"{storage.url}/{name}/{MANIFEST_NAME}")
+
+
+def read_manifest_bytes(storage: Storage, name: str) -> bytes:
+    """The raw manifest (size-capped, not yet validated): to parse, or to hand on unchanged."""
     where = f"{storage.url}/{name}/{MANIFEST_NAME}"
     with storage.open(name, MANIFEST_NAME) as handle:
         if handle.size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(f"{where}: {handle.size} bytes, over the {MAX_MANIFEST_BYTES} cap")
         raw = bytearray(handle.size)
         handle.read_into(0, memoryview(raw))
-    return Manifest.from_json(bytes(raw), where)
+    return bytes(raw)
 
 
 def read_tensors(storage: Storage, name: str, manifest: Manifest) -> dict[str, torch.Tensor]:
