@@ -58,6 +58,7 @@ def main() -> None:
     logger = logging.getLogger("unbroken")
     logger.setLevel(logging.INFO)
     logger.addHandler(CommitEcho())
+    torch.set_num_threads(1)  # multi-threaded CPU kernels were not bitwise reproducible under load (1 run in 9)
     torch.manual_seed(0)
     # One 4 MiB weight (written straight from tensor memory) and small tensors (coalesced), so a save
     # passes several write points per file.
