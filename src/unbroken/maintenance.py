@@ -14,7 +14,7 @@ from typing import Any
 
 from .records import CheckpointRecord, scan
 from .resume import open_run
-from .retention import Candidate, KeepBest, KeepEvery, KeepLast, RetentionPolicy, steps_to_keep
+from .retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy, expired
 from .runlock import RunLock
 from .storage import LocalStorage, Storage, is_url, step_name
 from .transfer import CopyResult, copy_checkpoint
@@ -66,10 +66,8 @@ def _policies(keep_last: int | None, keep_best: int | None, best_metric: str | N
 
 def _prune(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry_run: bool) -> PruneResult:
     records = scan(storage)
-    valid = [r for r in records if r.valid]
-    keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], policies) if policies else {
-        r.step for r in valid}
-    doomed = [r for r in valid if r.step not in keep] + ([r for r in records if not r.valid] if invalid else [])
+    doomed = expired(records, policies) if policies else []
+    doomed += [r for r in records if not r.valid] if invalid else []
     deleted, failed = [], []
     for record in sorted(doomed, key=lambda r: r.step):
         try:

@@ -27,7 +27,7 @@ from .preemption import (EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, ab
                          write_stop_marker)
 from .records import CheckpointRecord, record_of, scan
 from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
-from .retention import Candidate, steps_to_keep
+from .retention import expired
 from .runlock import RunLock
 from .saver import Saver
 from .state import capture, check_state_keys
@@ -288,11 +288,9 @@ class CheckpointManager:
             self._retain()
 
     def _retain(self) -> None:
-        valid = [r for r in scan(self.storage) if r.valid]
-        keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], self._policies)
         uploading = self._mirror.busy if self._mirror is not None else None
-        for record in valid:
-            if record.step in keep or step_name(record.step) == uploading:
+        for record in expired(scan(self.storage), self._policies):
+            if step_name(record.step) == uploading:
                 continue
             try:
                 self.storage.delete(step_name(record.step))

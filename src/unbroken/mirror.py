@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from .errors import CheckpointSkippedWarning, UnbrokenError
 from .records import scan
-from .retention import Candidate, RetentionPolicy, steps_to_keep
+from .retention import RetentionPolicy, expired
 from .storage import Storage, step_name
 from .transfer import copy_checkpoint
 
@@ -152,12 +152,9 @@ class Mirror:
     def _apply_retention(self) -> None:
         if not self.policies:
             return
-        valid = [r for r in scan(self.remote) if r.valid]
-        keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], self.policies)
-        for record in valid:
-            if record.step not in keep:
-                try:
-                    self.remote.delete(step_name(record.step))
-                    log.info("mirror: retention deleted step %d from %s", record.step, self.remote.url)
-                except OSError as exc:
-                    log.warning("mirror: could not delete step %d from %s: %s", record.step, self.remote.url, exc)
+        for record in expired(scan(self.remote), self.policies):
+            try:
+                self.remote.delete(step_name(record.step))
+                log.info("mirror: retention deleted step %d from %s", record.step, self.remote.url)
+            except OSError as exc:
+                log.warning("mirror: could not delete step %d from %s: %s", record.step, self.remote.url, exc)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-__all__ = ["RetentionPolicy", "KeepLast", "KeepBest", "KeepEvery", "steps_to_keep", "Candidate"]
+__all__ = ["RetentionPolicy", "KeepLast", "KeepBest", "KeepEvery", "steps_to_keep", "Candidate", "expired"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,19 @@ def steps_to_keep(candidates: Sequence[Candidate], policies: Iterable[RetentionP
     for policy in policies:
         kept |= policy.keep(candidates)
     return kept
+
+
+class _Listed(Protocol):
+    step: int
+    metrics: dict[str, Any]
+    valid: bool
+
+
+L = TypeVar("L", bound=_Listed)
+
+
+def expired(records: Sequence[L], policies: Sequence[RetentionPolicy]) -> list[L]:
+    """The valid records that no policy keeps, oldest first (invalid ones are never counted)."""
+    valid = [r for r in records if r.valid]
+    keep = steps_to_keep([Candidate(r.step, r.metrics) for r in valid], policies)
+    return sorted((r for r in valid if r.step not in keep), key=lambda r: r.step)
