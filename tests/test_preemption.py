@@ -141,6 +141,9 @@ def tiny_state() -> dict:
 
 def test_on_stop_raise_gives_a_catchable_preempted_after_the_commit(tmp_path: Path) -> None:
     run = tmp_path / "run"
+    # A known handler below ours: earlier tests' unclosed managers may have left theirs, which the
+    # stop skips on purpose when it gives the handler back.
+    outer = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     before = signal.getsignal(signal.SIGUSR1)
     ckpt = unbroken.CheckpointManager(run, tiny_state(), every_steps=100, on_stop="raise")
     ckpt.step(1)
@@ -150,6 +153,7 @@ def test_on_stop_raise_gives_a_catchable_preempted_after_the_commit(tmp_path: Pa
     assert info.value.step == 2
     assert [r.step for r in unbroken.list_checkpoints(run, verify=True)] == [2]
     assert signal.getsignal(signal.SIGUSR1) == before  # handlers are given back at the stop
+    signal.signal(signal.SIGUSR1, outer)
     with pytest.raises(RuntimeError, match="closed"):
         ckpt.step(3)
 
