@@ -4,9 +4,9 @@
 
 A moto S3 server runs as a separate process on 127.0.0.1 (so its CPU is not this process's), and
 each measurement is repeated ``--repeats`` times in alternating order; the table shows medians.
-  upload:   unbroken.checkpoint.save_checkpoint (capture, CRC32C, multipart upload, manifest commit)
+  upload:   unbroken.checkpoint.single.save_checkpoint (capture, CRC32C, multipart upload, manifest commit)
             against s3fs ``pipe_file`` of the same file bytes (raw transfer, no checksums)
-  download: unbroken.checkpoint.load_checkpoint (manifest, ranged GETs, every CRC checked, copy into
+  download: unbroken.checkpoint.single.load_checkpoint (manifest, ranged GETs, every CRC checked, copy into
             the live tensors) against s3fs ``cat_file`` of the same object
 The state is 8 float32 tensors of N/8 MB.  Numbers measure the client stack against a local
 Python server, not a real network: moto's request handling is usually the bottleneck.
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from unbroken.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from unbroken.checkpoint.single import load_checkpoint, save_checkpoint  # noqa: E402
 from unbroken.storage import FsspecStorage, step_name  # noqa: E402
 
 MiB = 1024 * 1024

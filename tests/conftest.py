@@ -17,8 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import (TensorBag, make_ema, make_mlp, make_optimizer, make_scaler, make_scheduler,
-                           train)
+from tests.helpers import TensorBag, make_ema, make_mlp, make_optimizer, make_scaler, make_scheduler, train
 from tests.s3server import s3_run, s3_server  # noqa: F401  (fixtures: a real S3 API on 127.0.0.1)
 
 

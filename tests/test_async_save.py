@@ -17,7 +17,7 @@ from .mounts import tmpfs
 
 def tensors_of(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(ckpt_dir / "rank00000.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f}
 
 
 def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -133,7 +133,7 @@ def test_an_exception_in_the_loop_still_lets_a_completed_save_commit(tmp_path: P
     with pytest.raises(ZeroDivisionError):
         with CheckpointManager(tmp_path, state, every_steps=1, capture_rng=False) as ckpt:
             ckpt.step(1)
-            1 / 0
+            1 / 0  # noqa: B018 (the exception under test)
     assert [r.step for r in unbroken.list_checkpoints(tmp_path)] == [1]
 
 

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import assert_exactly_equal
-from unbroken.codec import MAX_DEPTH, decode, encode
 from unbroken.errors import CorruptCheckpointError, UnserializableStateError
+from unbroken.format.values import MAX_DEPTH, decode, encode
 
 
 class TensorStore:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import unbroken
-from unbroken import CheckpointManager, StorageError, failpoints
+from unbroken import CheckpointManager, StorageError
+from unbroken._internal import failpoints
 
 SAVE_POINTS = ["staging.create", "file.create", "file.write", "file.fsync", "manifest.write", "manifest.rename",
                "commit.rename", "commit.fsync"]

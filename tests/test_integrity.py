@@ -21,7 +21,7 @@ from torch import nn
 
 from tests.helpers import reseal
 from unbroken import CheckpointManager, CheckpointSkippedWarning
-from unbroken.cli import main as cli_main
+from unbroken.cli.main import main as cli_main
 from unbroken.format import FORMAT_VERSION
 
 DATA = "rank00000.safetensors"

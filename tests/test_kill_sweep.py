@@ -28,7 +28,7 @@ def references(sweep_dir: Path) -> dict[str, Reference]:
 
 
 def test_the_reference_run_passes_every_kind_of_point(references: dict[str, Reference]) -> None:
-    from unbroken.failpoints import POINTS
+    from unbroken._internal.failpoints import POINTS
 
     for reference in references.values():
         assert set(reference.points) == set(POINTS)  # every phase of a save is a kill candidate

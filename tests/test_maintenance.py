@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unbroken
-from unbroken.cli import main as cli_main
+from unbroken.cli.main import main as cli_main
 
 
 def make_run(run: Path, steps: int = 5) -> None:

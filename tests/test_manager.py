@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -12,8 +11,15 @@ import torch
 from torch import nn
 
 import unbroken
-from unbroken import (CheckpointExistsError, CheckpointManager, CheckpointNotFoundError, CheckpointSkippedWarning,
-                      StateMismatchError, StorageError, UnserializableStateError)
+from unbroken import (
+    CheckpointExistsError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+    CheckpointSkippedWarning,
+    StateMismatchError,
+    StorageError,
+    UnserializableStateError,
+)
 
 from .mounts import bind_mount, remount, tmpfs
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import unbroken
 from tests.s3server import S3Run, S3Server
-from unbroken.cli import main as cli_main
+from unbroken.cli.main import main as cli_main
 
 SCRIPT = Path(__file__).with_name("preempt_train.py")
 
@@ -125,7 +125,7 @@ def test_killed_on_one_machine_resumed_bit_exactly_on_another_from_the_bucket(
 
 def test_an_unreachable_bucket_never_stops_training_and_the_next_commit_uploads(
         s3_run: S3Run, s3_server: S3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from unbroken import mirror as mirror_module
+    from unbroken.manager import mirror as mirror_module
 
     state = make_state()
     ckpt = unbroken.CheckpointManager(tmp_path / "local", state, every_steps=1, async_save=False,

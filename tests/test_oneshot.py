@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 import unbroken
-from unbroken import CheckpointManager
-from unbroken import CheckpointExistsError, CheckpointNotFoundError
+from unbroken import CheckpointExistsError, CheckpointManager, CheckpointNotFoundError
 
 
 def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds

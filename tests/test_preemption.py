@@ -212,7 +212,7 @@ def test_bad_stop_settings_are_refused(tmp_path: Path, kwargs: dict, message: st
 
 
 def test_slurm_end_time_from_the_environment_and_from_squeue(tmp_path: Path) -> None:
-    from unbroken.preemption import slurm_end_time
+    from unbroken.manager.preemption import slurm_end_time
 
     assert slurm_end_time({"PATH": ""}) is None  # not in a SLURM job
     assert slurm_end_time({"SLURM_JOB_ID": "7", "SLURM_JOB_END_TIME": "1900000000", "PATH": ""}) == 1900000000.0

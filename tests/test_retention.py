@@ -12,7 +12,7 @@ from torch import nn
 
 import unbroken
 from unbroken import CheckpointManager, KeepBest, KeepEvery, KeepLast
-from unbroken.retention import Candidate, steps_to_keep
+from unbroken.manager.retention import Candidate, steps_to_keep
 
 LOSSES = {10: 0.9, 20: 0.4, 30: 0.7, 40: 0.2, 50: 0.8, 60: math.nan, 70: 0.95}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unbroken.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
+from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
 TESTS = Path(__file__).resolve().parent
 TRAIN = TESTS / "supervised_train.py"

@@ -7,22 +7,56 @@
         ...
         ckpt.step(step + 1, metrics={"loss": loss})
     ckpt.close()
+
+The names below are the public API.  They are imported on first use (PEP 562), so ``import unbroken``
+is cheap and tools that never touch tensors (``unbroken run``, ``unbroken ls``) do not import torch.
 """
 
 from __future__ import annotations
 
-from .catalog import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints, read_info, verify
-from .checkpoint import __version__
-from .data import DataLoader, ResumableSampler
-from .errors import (CheckpointExistsError, CheckpointNotFoundError, CheckpointSkippedWarning,
-                     CorruptCheckpointError, DistributedError, PartialRestoreError, RunLockedError, StateMismatchError,
-                     StorageError, UnbrokenError, UnserializableStateError, UnsupportedFormatError)
-from .maintenance import PruneResult, copy_checkpoints, prune
-from .manager import CheckpointManager
-from .oneshot import load, save
-from .preemption import EXIT_PREEMPTED, Preempted
-from .records import CheckpointRecord
-from .retention import KeepBest, KeepEvery, KeepLast
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._internal.version import __version__
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointSkippedWarning,
+    CorruptCheckpointError,
+    DistributedError,
+    PartialRestoreError,
+    RunLockedError,
+    StateMismatchError,
+    StorageError,
+    UnbrokenError,
+    UnserializableStateError,
+    UnsupportedFormatError,
+)
+
+if TYPE_CHECKING:
+    from .checkpoint.inspection import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints, read_info, verify
+    from .checkpoint.listing import CheckpointRecord
+    from .checkpoint.oneshot import load, save
+    from .data import DataLoader, ResumableSampler
+    from .manager.checkpoint_manager import CheckpointManager
+    from .manager.maintenance import PruneResult, copy_checkpoints, prune
+    from .manager.preemption import EXIT_PREEMPTED, Preempted
+    from .manager.retention import KeepBest, KeepEvery, KeepLast
+
+# public name -> the module that defines it
+_LAZY = {
+    "CheckpointManager": "manager.checkpoint_manager",
+    "save": "checkpoint.oneshot", "load": "checkpoint.oneshot",
+    "list_checkpoints": "checkpoint.inspection", "read_info": "checkpoint.inspection",
+    "verify": "checkpoint.inspection", "is_checkpoint": "checkpoint.inspection",
+    "CheckpointInfo": "checkpoint.inspection", "TensorInfo": "checkpoint.inspection",
+    "CheckpointRecord": "checkpoint.listing",
+    "KeepLast": "manager.retention", "KeepBest": "manager.retention", "KeepEvery": "manager.retention",
+    "DataLoader": "data", "ResumableSampler": "data",
+    "Preempted": "manager.preemption", "EXIT_PREEMPTED": "manager.preemption",
+    "prune": "manager.maintenance", "PruneResult": "manager.maintenance",
+    "copy_checkpoints": "manager.maintenance",
+}
 
 __all__ = [
     "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
@@ -34,3 +68,16 @@ __all__ = [
     "DistributedError",
     "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'unbroken' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

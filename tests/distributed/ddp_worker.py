@@ -81,7 +81,7 @@ def main() -> None:
     print(f"START {step}", flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     dump(model, opt, args.out_dir, "restored", rank)
-    log = open(args.out_dir / f"data{rank}.txt", "a")
+    log = open(args.out_dir / f"data{rank}.txt", "a")  # noqa: SIM115 (appended to for the whole run)
     while step < args.steps and state["epoch"] < args.epochs:
         for x, y, idx in loader:
             loss = nn.functional.mse_loss(ddp(x), y)

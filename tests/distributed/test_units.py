@@ -188,7 +188,7 @@ def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_p
 
 
 def test_ranks_whose_models_differ_are_not_committed() -> None:
-    from unbroken.checkpoint import build_manifest
+    from unbroken.checkpoint.single import build_manifest
     from unbroken.distributed.assemble import assemble, failure_report
     from unbroken.distributed.rankplan import plan_rank
     from unbroken.errors import StorageError

@@ -135,7 +135,7 @@ class KillPlan:
     delays_ms: tuple[float, ...]
 
     @classmethod
-    def make(cls, seed: int, total: int, save_interval: int, kills: int = 1) -> "KillPlan":
+    def make(cls, seed: int, total: int, save_interval: int, kills: int = 1) -> KillPlan:
         rng = random.Random(seed)
         lo = 2 * save_interval  # late enough that at least one checkpoint is committed
         width = (total - lo) // kills

@@ -18,8 +18,15 @@ import sys
 import pytest
 
 from .harness import (
-    EXAMPLES_DIR, KillPlan, RunOutput, checkpoint_dir, compare_checkpoints, example_command,
-    loss_diffs, run_and_kill, run_to_end,
+    EXAMPLES_DIR,
+    KillPlan,
+    RunOutput,
+    checkpoint_dir,
+    compare_checkpoints,
+    example_command,
+    loss_diffs,
+    run_and_kill,
+    run_to_end,
 )
 
 STEPS = 40

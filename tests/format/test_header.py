@@ -20,8 +20,7 @@ import unbroken
 from tests.fuzzing import fuzz
 from tests.helpers import assert_exactly_equal, sealed_manifest
 from unbroken.errors import CorruptCheckpointError
-from unbroken.format import (MAX_HEADER_BYTES, NAME_TO_DTYPE, PREFIX_BYTES, build_header, header_length,
-                             parse_header)
+from unbroken.format import MAX_HEADER_BYTES, NAME_TO_DTYPE, PREFIX_BYTES, build_header, header_length, parse_header
 from unbroken.io.checksum import crc32c
 
 safetensors = pytest.importorskip("safetensors")
@@ -412,7 +411,8 @@ def test_fuzz_random_bytes(body: bytes, extra: int) -> None:
 
 
 _VALID_TABLE = {"__metadata__": {"format": "pt"}, "a": _entry("F32", (2, 3), (0, 24)),
-                "b": _entry("I64", (), (24, 32)), "c": _entry("BOOL", (0,), (32, 32)), "d": _entry("U8", (5,), (32, 37))}
+                "b": _entry("I64", (), (24, 32)), "c": _entry("BOOL", (0,), (32, 32)),
+                "d": _entry("U8", (5,), (32, 37))}
 _VALID_DATA = 37
 
 _scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)

@@ -17,11 +17,22 @@ import torch
 from torch import nn
 
 import unbroken
-from tests.helpers import (SCHEDULERS, TensorBag, WarmupLambda, assert_exactly_equal, exactly_equal, make_ema,
-                           make_mlp, make_optimizer, make_scaler, make_scheduler, snapshot, train)
+from tests.helpers import (
+    SCHEDULERS,
+    TensorBag,
+    WarmupLambda,
+    assert_exactly_equal,
+    exactly_equal,
+    make_ema,
+    make_mlp,
+    make_optimizer,
+    make_scaler,
+    make_scheduler,
+    snapshot,
+    train,
+)
 from unbroken.errors import StateMismatchError, UnserializableStateError
 from unbroken.format import MANIFEST_NAME
-
 
 # ---------------------------------------------------------------------------------------------
 # the comparison helper itself must be strict

@@ -14,9 +14,9 @@ import torch
 
 from tests.helpers import assert_exactly_equal, snapshot
 from tests.s3server import SECRET, S3Run, S3Server
-from unbroken.checkpoint import build_manifest, load_checkpoint, save_checkpoint
+from unbroken._internal.gcpause import paused_gc
+from unbroken.checkpoint.single import build_manifest, load_checkpoint, save_checkpoint
 from unbroken.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from unbroken.gcpause import paused_gc
 from unbroken.io import FilePlan, live_runs, read_manifest, verify_checkpoint, write_checkpoint
 from unbroken.state import capture
 from unbroken.storage import FsspecStorage, LocalStorage, Storage, is_url, open_storage, step_name

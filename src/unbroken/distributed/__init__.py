@@ -5,11 +5,12 @@ torch.distributed is the engine (process groups, collectives, DTensor); the form
 
 * :mod:`.world`, :mod:`.collectives`: who we are; JSON/bytes collectives on a gloo side group
 * :mod:`.roles`, :mod:`.shards`, :mod:`.rankplan`: what each rank writes (replicated, sharded, per-rank)
-* :mod:`.assemble`, :mod:`.commit`, :mod:`.saver`: the commit protocol and the manager's saver
+* :mod:`.assemble`, :mod:`.commit`: the commit protocol
 * :mod:`.sources`, :mod:`.load`, :mod:`.rankstate`, :mod:`.resume`: restoring, resharding, agreeing
-* :mod:`.run`: the manager's entry point (:func:`.run.attach`)
 
-Submodules are imported where used: the top-level save/load path needs :mod:`.shards` without the rest.
+The manager's side (its distributed saver and restore, the agreed schedule) is in
+:mod:`unbroken.manager.ranks`.  Submodules are imported where used: the single-process save/load path
+needs :mod:`.shards` without the rest.
 """
 
 from __future__ import annotations

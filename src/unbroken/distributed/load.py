@@ -21,15 +21,15 @@ from typing import Any
 
 import torch
 
-from ..codec import Json
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..format import NAME_TO_DTYPE, Manifest, ShardEntry, TensorEntry
+from ..format.values import Json
 from ..state import capture, restore_state
 from ..state.objects import Kind, classify
+from ..storage import Storage
 from .rankstate import choose_entries, derive_rng, saved_ranks
 from .roles import tensor_refs
 from .shards import Box, as_like, is_dtensor, overlap, region_of, volume
-from ..storage import Storage
 from .sources import DirectSource, Need, aligned
 
 __all__ = ["LoadPlan", "plan_load", "build_tensors", "apply", "load_single"]

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..codec import Json
 from ..format import dtype_name
+from ..format.values import Json
 from ..io.checksum import crc32c
 from ..state import Snapshot
 from .roles import assign_writers, file_name, rank_prefix, rename_refs, shard_name, split_entries, tensor_refs

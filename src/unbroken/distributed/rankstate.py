@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..codec import Json, decode, encode
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..format import Manifest, TensorEntry
+from ..format.values import Json, decode, encode
 from ..state.capture import RNG_KEY
 from .roles import rename_refs, split_entries
 

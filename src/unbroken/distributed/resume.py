@@ -17,11 +17,16 @@ import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
-from ..errors import (CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError, DistributedError,
-                      StateMismatchError)
+from ..errors import (
+    CheckpointNotFoundError,
+    CheckpointSkippedWarning,
+    CorruptCheckpointError,
+    DistributedError,
+    StateMismatchError,
+)
 from ..format import Manifest
-from ..resume import committed_steps, split_checkpoint_path
 from ..storage import Storage, parse_step_name, step_name
+from ..storage.paths import committed_steps, split_checkpoint_path
 from .load import LoadPlan, apply, build_tensors, plan_load
 from .sources import Source
 from .world import World

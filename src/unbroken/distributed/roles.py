@@ -17,7 +17,7 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..codec import Json
+from ..format.values import Json
 
 __all__ = ["SHARED_KINDS", "split_entries", "tensor_refs", "rename_refs", "rank_prefix", "shard_name",
            "file_name", "assign_writers"]

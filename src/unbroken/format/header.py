@@ -14,8 +14,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError
-from ..gcpause import paused_gc
 from .dtypes import NAME_TO_DTYPE, itemsize
 
 __all__ = ["TensorSpan", "build_header", "parse_header", "MAX_HEADER_BYTES", "PREFIX_BYTES"]

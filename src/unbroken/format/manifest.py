@@ -25,8 +25,8 @@ from typing import Any
 
 from crc32c import crc32c
 
+from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
-from ..gcpause import paused_gc
 from .dtypes import NAME_TO_DTYPE
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "ShardEntry", "ShardedTensor", "Manifest",

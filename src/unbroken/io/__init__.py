@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from .host_buffers import HostStager, StagedSave
 from .plan import FilePlan, live_runs
 from .reader import mapped_tensors, read_manifest, read_manifest_bytes, read_tensors, verify_checkpoint
-from .staging import HostStager, StagedSave
 from .writer import AsyncWriter, SyncWriter, Writer, write_checkpoint
 
 __all__ = ["mapped_tensors", "read_manifest", "read_manifest_bytes", "read_tensors", "verify_checkpoint",

@@ -13,14 +13,24 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import CorruptCheckpointError
-from ..format import (MANIFEST_NAME, MAX_MANIFEST_BYTES, NAME_TO_DTYPE, PREFIX_BYTES, Manifest, TensorEntry,
-                      TensorSpan, header_length, parse_header)
+from ..format import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    NAME_TO_DTYPE,
+    PREFIX_BYTES,
+    Manifest,
+    TensorEntry,
+    TensorSpan,
+    header_length,
+    parse_header,
+)
 from ..storage import ReadHandle, Storage
 from .checksum import crc32c
 from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
 from .tensor_bytes import byte_view
 
-__all__ = ["read_manifest", "read_manifest_bytes", "read_tensors", "mapped_tensors", "verify_checkpoint", "check_tensor_file", "check_crc"]
+__all__ = ["read_manifest", "read_manifest_bytes", "read_tensors", "mapped_tensors", "verify_checkpoint",
+           "check_tensor_file", "check_crc"]
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:

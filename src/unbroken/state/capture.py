@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ..codec import Json, encode
-from ..errors import UnserializableStateError
 from ..data import needs_adoption
+from ..errors import UnserializableStateError
+from ..format.values import Json, encode
 from .objects import RESERVED_PREFIX, Kind, classify, unwrap_module
 from .rng import capture_rng
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codec import Json, decode
 from ..errors import CorruptCheckpointError, PartialRestoreError, StateMismatchError
+from ..format.values import Json, decode
 from .capture import RNG_KEY, check_state_keys
 from .objects import Kind, classify, unwrap_module
 from .rng import restore_rng, validate_rng

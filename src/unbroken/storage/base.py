@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 
-__all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "step_name", "parse_step_name"]
+__all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "MANIFEST_FILE", "step_name",
+           "parse_step_name"]
 
 STEP_NAME = re.compile(r"^step_(\d{9,})$")
+# The file whose presence commits a checkpoint (the format layer names it too: format.MANIFEST_NAME).
+MANIFEST_FILE = "manifest.json"
 
 
 def step_name(step: int) -> str:

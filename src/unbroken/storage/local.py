@@ -21,7 +21,7 @@ import shutil
 import stat
 import uuid
 
-from .. import failpoints
+from .._internal import failpoints
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .base import ReadHandle, Staging, Storage, WriteHandle
 

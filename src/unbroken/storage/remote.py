@@ -26,8 +26,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
-                      UnbrokenError)
+from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError, UnbrokenError
 from .base import STEP_NAME, ReadHandle, Staging, Storage
 from .remote_files import MANIFEST, FsspecReadHandle, FsspecStaging
 

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
-from .base import ReadHandle, Staging, WriteHandle
+from .base import MANIFEST_FILE, ReadHandle, Staging, WriteHandle
 
 if TYPE_CHECKING:
     from .remote import FsspecStorage
@@ -20,7 +20,7 @@ __all__ = ["FsspecStaging", "FsspecWriteHandle", "FsspecReadHandle", "MANIFEST"]
 
 log = logging.getLogger("unbroken")
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 MiB = 1024 * 1024
 READ_CHUNK = 16 * MiB  # one ranged GET; a large read has READ_PARALLEL of them in flight
 READ_PARALLEL = 8

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import decode
-from .errors import CorruptCheckpointError
-from .format import Manifest
-from .io import read_manifest, verify_checkpoint
-from .storage import Storage, parse_step_name
+from ..errors import CorruptCheckpointError
+from ..format import Manifest
+from ..format.values import decode
+from ..io import read_manifest, verify_checkpoint
+from ..storage import Storage, parse_step_name
 
 __all__ = ["CheckpointRecord", "scan", "record_of"]
 

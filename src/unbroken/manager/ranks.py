@@ -3,8 +3,9 @@
 The manager asks :func:`attach` once; None means a single process (torch.distributed not
 initialised, or one rank) and nothing changes.  Otherwise every rank holds a
 :class:`DistributedRun` and the manager delegates to it: saves go through
-:class:`~.saver.DistributedSaver`, restores through :func:`~.resume.restore_by_ranks`, and only the
-coordinator (rank 0) locks the run directory and applies retention.
+:class:`~.rank_saver.DistributedSaver`, restores through
+:func:`~unbroken.distributed.resume.restore_by_ranks`, and only the coordinator (rank 0) locks the run
+directory and applies retention.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import os
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from ..distributed.resume import restore_by_ranks
+from ..distributed.sources import BroadcastSource, DirectSource, Source
+from ..distributed.world import DEFAULT_TIMEOUT_S, World
 from ..format import Manifest
-from ..schedule import SaveSchedule
 from ..storage import Storage
-from .resume import restore_by_ranks
-from .saver import DistributedSaver
-from .sources import BroadcastSource, DirectSource, Source
-from .world import DEFAULT_TIMEOUT_S, World
+from .rank_saver import DistributedSaver
+from .schedule import SaveSchedule
 
 __all__ = ["DistributedRun", "attach", "RESTORE_MODES"]
 
@@ -49,7 +50,7 @@ class DistributedRun:
 
     def restore(self, storage: Storage, state: MutableMapping[str, Any], strict: bool, rng: bool,
                 step: int | None = None, path: str | os.PathLike[str] | None = None) -> Manifest | None:
-        """Collective: every rank restores the same checkpoint (see :mod:`.resume`)."""
+        """Collective: every rank restores the same checkpoint (see :mod:`unbroken.distributed.resume`)."""
         self.last_source = self.source()
         return restore_by_ranks(self.world, storage, self.last_source, state, strict, rng, step=step, path=path)
 

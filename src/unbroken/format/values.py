@@ -21,11 +21,11 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .errors import CorruptCheckpointError, UnserializableStateError
+from ..errors import CorruptCheckpointError, UnserializableStateError
 
 __all__ = ["Json", "encode", "decode", "MAX_DEPTH"]
 
-Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007 (a runtime alias: Union keeps the string forward references)
 AddTensor = Callable[[str, torch.Tensor], str]
 GetTensor = Callable[[str], Any]  # a tensor, or a placeholder when only inspecting
 

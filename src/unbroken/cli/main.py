@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import unbroken
-from unbroken.cli_storage import add_cp, add_prune, add_storage_option, storage_options
-from unbroken.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
+from unbroken.cli.storage_commands import add_cp, add_prune, add_storage_option, storage_options
+from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
 __all__ = ["main"]
 
@@ -241,6 +241,3 @@ def _age(created: float | None) -> str:
         return f"{seconds / 3600:.1f}h ago"
     return f"{seconds / 86400:.1f}d ago"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

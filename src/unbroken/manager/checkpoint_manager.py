@@ -15,23 +15,31 @@ from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
-from .checkpoint import build_manifest, load_checkpoint
-from .config import ManagerConfig
-from .data import make_resumable, needs_adoption
-from .distributed.run import DistributedRun, attach
-from .errors import CheckpointExistsError, StorageError, UnbrokenError
-from .format import Manifest
-from .gcpause import paused_gc
+from .._internal.gcpause import paused_gc
+from ..checkpoint.listing import CheckpointRecord, record_of, scan
+from ..checkpoint.newest import restore_newest, restore_step
+from ..checkpoint.single import build_manifest, load_checkpoint
+from ..data import make_resumable, needs_adoption
+from ..errors import CheckpointExistsError, StorageError, UnbrokenError
+from ..format import Manifest
+from ..state import capture, check_state_keys
+from ..storage import LocalStorage, Storage, is_url, open_storage, step_name
+from ..storage.paths import is_checkpoint_dir, split_checkpoint_path
 from .mirror import Mirror
-from .preemption import (EXIT_PREEMPTED, Preempted, StopAgreement, StopWatch, absolute_deadline, parse_signals,
-                         write_stop_marker)
-from .records import CheckpointRecord, record_of, scan
-from .resume import is_checkpoint_dir, restore_newest, restore_step, split_checkpoint_path
+from .options import ManagerConfig
+from .preemption import (
+    EXIT_PREEMPTED,
+    Preempted,
+    StopAgreement,
+    StopWatch,
+    absolute_deadline,
+    parse_signals,
+    write_stop_marker,
+)
+from .ranks import DistributedRun, attach
 from .retention import expired
 from .runlock import RunLock
-from .saver import Saver
-from .state import capture, check_state_keys
-from .storage import LocalStorage, Storage, is_url, open_storage, step_name
+from .save_runner import SaveRunner
 
 __all__ = ["CheckpointManager"]
 
@@ -86,7 +94,7 @@ class CheckpointManager:
         self._schedule = self.config.schedule() if self._dist is None else self._dist.schedule(self.config.schedule())
         self._policies = self.config.policies()
         if self._dist is None:
-            self._saver = Saver(self.storage, self.config.async_save, self.config.when_busy,
+            self._saver = SaveRunner(self.storage, self.config.async_save, self.config.when_busy,
                                 self.config.staging_budget_bytes, on_commit=self._after_commit)
         else:
             self._saver = self._dist.saver(self.storage, self.config.async_save, self.config.staging_budget_bytes,
@@ -229,7 +237,7 @@ class CheckpointManager:
         if isinstance(self.storage, LocalStorage):
             write_stop_marker(self.storage.root, step, reason)
         message = f"unbroken: stopped at step {step} ({reason}); checkpoint committed in {self.storage.url}"
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)  # noqa: T201 (the stop is reported on stderr even without logging set up)
         if self.config.on_stop == "raise":
             raise Preempted(step, reason)
         raise SystemExit(EXIT_PREEMPTED)

@@ -6,11 +6,12 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import CheckpointExistsError, CheckpointNotFoundError
-from .records import CheckpointRecord, record_of
-from .resume import is_checkpoint_dir, open_run, restore_newest, split_checkpoint_path
-from .storage import LocalStorage, is_url
+from ..errors import CheckpointExistsError, CheckpointNotFoundError
+from ..storage import LocalStorage, is_url
+from ..storage.paths import is_checkpoint_dir, open_run, split_checkpoint_path
+from .listing import CheckpointRecord, record_of
+from .newest import restore_newest
+from .single import load_checkpoint, save_checkpoint
 
 __all__ = ["save", "load"]
 

@@ -1,8 +1,8 @@
 """Saves by several ranks, run like single-process saves (synchronously or in the background).
 
-The manager's :class:`~unbroken.saver.Saver` decides when a save runs and snapshots the state; this
-subclass changes what is written (this rank's part only, :mod:`.rankplan`) and how it is committed
-(the protocol of :mod:`.commit`).  Every rank must start the same saves in the same order.
+The manager's :class:`~unbroken.manager.save_runner.SaveRunner` decides when a save runs and snapshots the state; this
+subclass changes what is written (this rank's part only, :mod:`unbroken.distributed.rankplan`) and how it is committed
+(the protocol of :mod:`unbroken.distributed.commit`).  Every rank must start the same saves in the same order.
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from ..distributed.commit import save_by_ranks
+from ..distributed.rankplan import RankPlan, plan_rank
+from ..distributed.world import World
 from ..format import Manifest
 from ..io.plan import FilePlan, Run
-from ..saver import Saver
 from ..state import Snapshot
 from ..storage import Storage
-from .commit import save_by_ranks
-from .rankplan import RankPlan, plan_rank
-from .world import World
+from .save_runner import SaveRunner
 
 __all__ = ["DistributedSaver"]
 
 
-class DistributedSaver(Saver):
+class DistributedSaver(SaveRunner):
     def __init__(self, world: World, storage: Storage, background: bool, budget_bytes: int | None,
                  on_commit: Callable[[Manifest], None]) -> None:
         # "skip" would let one rank skip a save that another starts: the ranks must agree, so they wait.
@@ -32,7 +32,7 @@ class DistributedSaver(Saver):
         self._plan: RankPlan | None = None
 
     def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
-        # Called after the previous save finished (Saver.save waits first), so the in-flight save
+        # Called after the previous save finished (SaveRunner.save waits first), so the in-flight save
         # never sees its plan replaced.
         self._plan = plan_rank(snap, self.world.rank, self.world.size)
         return self._plan.tensors

@@ -10,18 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import encode
-from .distributed.shards import holds_dtensors, whole_tensors
-from .format import Manifest
-from .gcpause import paused_gc
-from .io import FilePlan, live_runs, mapped_tensors, read_manifest, write_checkpoint
-from .state import Snapshot, capture, restore_state
-from .state.restore import copied_on_load
-from .storage import Storage
+from .._internal.gcpause import paused_gc
+from .._internal.version import __version__
+from ..distributed.shards import holds_dtensors, whole_tensors
+from ..format import Manifest
+from ..format.values import encode
+from ..io import FilePlan, live_runs, mapped_tensors, read_manifest, write_checkpoint
+from ..state import Snapshot, capture, restore_state
+from ..state.restore import copied_on_load
+from ..storage import Storage
 
 __all__ = ["versions", "build_manifest", "save_checkpoint", "load_checkpoint"]
-
-__version__ = "0.1.0"
 
 
 def versions() -> dict[str, str]:
@@ -69,7 +68,7 @@ def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any]
     """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
     manifest = read_manifest(storage, name)
     if manifest.rank_state is not None or manifest.sharded or holds_dtensors(state):  # several ranks' or into DTensors
-        from .distributed.load import load_single
+        from ..distributed.load import load_single
 
         load_single(storage, name, manifest, state, strict, rng)
         return manifest

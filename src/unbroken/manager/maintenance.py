@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .records import CheckpointRecord, scan
-from .resume import open_run
+from ..checkpoint.listing import CheckpointRecord, scan
+from ..checkpoint.transfer import CopyResult, copy_checkpoint
+from ..storage import LocalStorage, Storage, is_url, step_name
+from ..storage.paths import open_run
 from .retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy, expired
 from .runlock import RunLock
-from .storage import LocalStorage, Storage, is_url, step_name
-from .transfer import CopyResult, copy_checkpoint
 
 __all__ = ["PruneResult", "prune", "copy_checkpoints"]
 

@@ -26,7 +26,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any, Union
 
-from .errors import UnbrokenError
+from ..errors import UnbrokenError
 
 __all__ = ["EXIT_PREEMPTED", "STOP_MARKER", "Preempted", "StopWatch", "parse_signals", "slurm_end_time",
            "write_stop_marker", "read_stop_marker"]
@@ -40,7 +40,7 @@ EXIT_PREEMPTED = 75
 #: into 1, so ``unbroken run`` reads this file to tell a pre-emption from a crash.
 STOP_MARKER = ".stopped"
 
-_Handler = Union[Callable[[int, Union[FrameType, None]], Any], int, None]
+_Handler = Union[Callable[[int, FrameType | None], Any], int, None]  # noqa: UP007 (a runtime alias)
 
 
 class Preempted(UnbrokenError, RuntimeError):

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
-from .io import read_manifest, read_manifest_bytes, verify_checkpoint
-from .storage import Staging, Storage
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..io import read_manifest, read_manifest_bytes, verify_checkpoint
+from ..storage import Staging, Storage
 
 __all__ = ["copy_checkpoint", "CopyResult"]
 

@@ -18,21 +18,21 @@ from concurrent.futures import Future
 
 import torch
 
-from .distributed.shards import whole_tensors
-from .errors import StorageError
-from .format import Manifest
-from .gcpause import paused_gc
-from .io import AsyncWriter, FilePlan, HostStager, StagedSave, SyncWriter, live_runs, write_checkpoint
-from .io.plan import Run
-from .state import Snapshot
-from .storage import Storage
+from .._internal.gcpause import paused_gc
+from ..distributed.shards import whole_tensors
+from ..errors import StorageError
+from ..format import Manifest
+from ..io import AsyncWriter, FilePlan, HostStager, StagedSave, SyncWriter, live_runs, write_checkpoint
+from ..io.plan import Run
+from ..state import Snapshot
+from ..storage import Storage
 
-__all__ = ["Saver"]
+__all__ = ["SaveRunner"]
 
 log = logging.getLogger("unbroken")
 
 
-class Saver:
+class SaveRunner:
     def __init__(self, storage: Storage, background: bool, when_busy: str, budget_bytes: int | None,
                  on_commit: Callable[[Manifest], None]) -> None:
         self.storage, self.background, self.when_busy = storage, background, when_busy

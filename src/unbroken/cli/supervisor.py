@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from .catalog import list_checkpoints
-from .preemption import EXIT_PREEMPTED, read_stop_marker
+from ..checkpoint.inspection import list_checkpoints
+from ..manager.preemption import EXIT_PREEMPTED, read_stop_marker
 from .stderrtail import StderrTail  # the status the manager exits with after a stop save
 
 __all__ = ["EXIT_PREEMPTED", "SupervisorConfig", "supervise"]

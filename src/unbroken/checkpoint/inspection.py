@@ -7,14 +7,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import decode
-from .errors import CheckpointNotFoundError
-from .format import Manifest
-from .format.dtypes import itemsize
-from .io import read_manifest, verify_checkpoint
-from .records import CheckpointRecord, decode_metrics, record_of, scan
-from .resume import is_checkpoint_dir, open_run, split_checkpoint_path
-from .storage import is_url
+from ..errors import CheckpointNotFoundError
+from ..format import Manifest
+from ..format.dtypes import itemsize
+from ..format.values import decode
+from ..io import read_manifest, verify_checkpoint
+from ..storage import is_url
+from ..storage.paths import is_checkpoint_dir, open_run, split_checkpoint_path
+from .listing import CheckpointRecord, decode_metrics, record_of, scan
 
 __all__ = ["list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo"]
 

@@ -26,7 +26,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 
-from .errors import RunLockedError, StorageError
+from ..errors import RunLockedError, StorageError
 
 __all__ = ["RunLock", "LOCK_NAME"]
 

@@ -17,11 +17,11 @@ import time
 import warnings
 from collections.abc import Callable
 
-from .errors import CheckpointSkippedWarning, UnbrokenError
-from .records import scan
+from ..checkpoint.listing import scan
+from ..checkpoint.transfer import copy_checkpoint
+from ..errors import CheckpointSkippedWarning, UnbrokenError
+from ..storage import Storage, step_name
 from .retention import RetentionPolicy, expired
-from .storage import Storage, step_name
-from .transfer import copy_checkpoint
 
 __all__ = ["Mirror"]
 
