@@ -251,11 +251,11 @@ def _sampler_state(sampler: Any) -> dict[str, Any]:
 def _convert(sampler: Sampler[Any], seed: int | None) -> Sampler[Any]:
     """torch's default samplers → a resumable equivalent (same indices, a reproducible order)."""
     if isinstance(sampler, SequentialSampler):
-        return ResumableSampler(len(sampler), shuffle=False, seed=0)  # type: ignore[arg-type]
+        return ResumableSampler(len(sampler), shuffle=False, seed=0)
     if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None:
         if seed is None and sampler.generator is not None:
             seed = int(torch.empty((), dtype=torch.int64).random_(generator=sampler.generator).item())
-        return ResumableSampler(len(sampler.data_source), shuffle=True, seed=seed)  # type: ignore[arg-type]
+        return ResumableSampler(len(sampler.data_source), shuffle=True, seed=seed)
     return sampler
 
 

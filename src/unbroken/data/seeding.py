@@ -38,7 +38,7 @@ def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
 def _seed_globals(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
-    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: never initialises CUDA
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: never initialises CUDA
 
 
 class SeededDataset(Dataset[Any]):

@@ -64,7 +64,7 @@ def header_length(prefix: bytes, file_size: int, where: str) -> int:
     """Validate the 8-byte prefix of a file of ``file_size`` bytes; the JSON header's length."""
     if len(prefix) < PREFIX_BYTES or file_size < PREFIX_BYTES:
         raise CorruptCheckpointError(f"{where}: file is {file_size} bytes, too short for a safetensors header")
-    (length,) = struct.unpack("<Q", prefix[:PREFIX_BYTES])
+    length: int = struct.unpack("<Q", prefix[:PREFIX_BYTES])[0]
     if length > MAX_HEADER_BYTES or length > file_size - PREFIX_BYTES:
         raise CorruptCheckpointError(
             f"{where}: header claims {length} bytes but the file holds {file_size} bytes "

@@ -4,11 +4,12 @@ every initialised CUDA device.  Captured on every save without user code, restor
 from __future__ import annotations
 
 import random
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
+
+from .._internal.warn import warn
 
 __all__ = ["capture_rng", "restore_rng"]
 
@@ -21,7 +22,7 @@ def capture_rng() -> dict[str, Any]:
     }
     # An uninitialised CUDA context has generated nothing yet; initialising it here would cost
     # hundreds of MB of GPU memory in a CPU-only job on a GPU machine.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         streams["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     return streams
 
@@ -50,13 +51,12 @@ def _as_python_state(state: Any) -> Any:
 
 def _restore_cuda(states: list[torch.Tensor]) -> None:
     if not torch.cuda.is_available():
-        warnings.warn("the checkpoint holds CUDA RNG states but no GPU is available; they were not restored",
-                      stacklevel=3)
+        warn("the checkpoint holds CUDA RNG states but no GPU is available; they were not restored", UserWarning)
         return
     count = torch.cuda.device_count()
     if count != len(states):
-        warnings.warn(f"the checkpoint holds {len(states)} CUDA RNG states but {count} GPUs are visible; "
-                      f"restoring the first {min(count, len(states))}", stacklevel=3)
+        warn(f"the checkpoint holds {len(states)} CUDA RNG states but {count} GPUs are visible; "
+             f"restoring the first {min(count, len(states))}", UserWarning)
     for index, state in enumerate(states[:count]):
         torch.cuda.set_rng_state(_standalone(state), index)
 

@@ -93,7 +93,8 @@ def _filesystem(url: str, options: dict[str, Any]) -> tuple[AbstractFileSystem, 
         raise ImportError(f"{display_url(url)}: object storage needs fsspec and {package}: "
                           f"pip install 'unbroken[s3]' (or pip install fsspec {package})") from None
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        fs, path = fsspec.core.url_to_fs(url, **options)
+        return fs, str(path)
     except ImportError as exc:
         raise ImportError(f"{display_url(url)}: fsspec has no implementation of {protocol}:// installed: "
                           f"pip install {package} ({exc})") from None
