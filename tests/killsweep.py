@@ -12,7 +12,7 @@ seed so a failure replays exactly; the process is killed with SIGKILL by itself 
 * debris: staging or trash areas left after ``restore()``;
 * continuation: the resumed run's final state differs from the uninterrupted run's.
 
-Used by tests/test_kill_sweep.py (a sample, in CI) and bench/kill_sweep.py (>= 200 points).
+Used by tests/manager/test_kill_sweep.py (a sample, in CI) and bench/kill_sweep.py (>= 200 points).
 """
 
 from __future__ import annotations

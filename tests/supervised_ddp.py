@@ -1,4 +1,4 @@
-"""A two-rank gloo job for tests/test_supervisor.py, run under torchrun.
+"""A two-rank gloo job for tests/cli/test_supervisor.py, run under torchrun.
 
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/supervised_ddp.py OUT_DIR MODE
 

@@ -1,4 +1,4 @@
-"""A tiny but real training run that crashes on request, for tests/test_supervisor.py.
+"""A tiny but real training run that crashes on request, for tests/cli/test_supervisor.py.
 
     python tests/supervised_train.py RUN_DIR OUT --steps 30 --every 5 --crash-at 7,13,22 --markers DIR
 

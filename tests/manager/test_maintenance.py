@@ -1,4 +1,4 @@
-"""unbroken.prune and unbroken.copy_checkpoints on local runs (URLs: tests/test_object_storage.py)."""
+"""unbroken.prune and unbroken.copy_checkpoints on local runs (URLs: tests/manager/test_object_storage.py)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import unbroken
+from tests.mounts import bind_mount, remount, tmpfs
 from unbroken import (
     CheckpointExistsError,
     CheckpointManager,
@@ -21,12 +22,10 @@ from unbroken import (
     UnserializableStateError,
 )
 
-from .mounts import bind_mount, remount, tmpfs
-
 
 def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
     """These tests check the disk right after step(): saves must be committed when it returns.
-    The background path is covered by tests/test_async_save.py."""
+    The background path is covered by tests/manager/test_async_save.py."""
     kwargs.setdefault("async_save", False)
     return CheckpointManager(*args, **kwargs)
 

@@ -1,8 +1,9 @@
 """Injected I/O errors (ENOSPC, EIO) at every durable step of a save, retention delete and commit.
 
-The real-disk versions (a full tmpfs, a read-only remount) live in test_manager.py and
-test_async_save.py; these reach the points a real full disk cannot target one by one (a failed
-fsync, a failed rename of the manifest or of the checkpoint directory).
+The real-disk versions (a full tmpfs, a read-only remount) live in
+tests/manager/test_checkpoint_manager.py and tests/manager/test_async_save.py; these reach the points
+a real full disk cannot target one by one (a failed fsync, a failed rename of the manifest or of the
+checkpoint directory).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import unbroken
 from tests.s3server import S3Run, S3Server
 from unbroken.cli.main import main as cli_main
 
-SCRIPT = Path(__file__).with_name("preempt_train.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "preempt_train.py"
 
 
 def make_state(seed: int = 0) -> dict:

@@ -14,7 +14,7 @@ from unbroken import CheckpointExistsError, CheckpointManager, CheckpointNotFoun
 
 def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
     """These tests check the disk right after step(): saves must be committed when it returns.
-    The background path is covered by tests/test_async_save.py."""
+    The background path is covered by tests/manager/test_async_save.py."""
     kwargs.setdefault("async_save", False)
     return CheckpointManager(*args, **kwargs)
 

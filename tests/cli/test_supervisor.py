@@ -15,7 +15,7 @@ import torch
 
 from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 TRAIN = TESTS / "supervised_train.py"
 DDP = TESTS / "supervised_ddp.py"
 FAST = ("--backoff", "0.05", "--max-backoff", "1")

@@ -19,7 +19,7 @@ import pytest
 
 import unbroken
 
-SCRIPT = Path(__file__).with_name("preempt_train.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "preempt_train.py"
 GRACE = 20.0  # seconds a scheduler would give; the tests need far less
 
 

@@ -10,9 +10,8 @@ from safetensors import safe_open
 from torch import nn
 
 import unbroken
+from tests.mounts import tmpfs
 from unbroken import CheckpointManager, StorageError
-
-from .mounts import tmpfs
 
 
 def tensors_of(ckpt_dir: Path) -> dict[str, torch.Tensor]:
