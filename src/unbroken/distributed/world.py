@@ -34,11 +34,6 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def single(cls) -> World:
-        """One process: every collective is the identity."""
-        return cls(0, 1, Comm(None, 0, 1), Comm(None, 0, 1))
-
-    @classmethod
     def detect(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> World | None:
         """The job's world when torch.distributed is initialised with more than one rank, else None.
 

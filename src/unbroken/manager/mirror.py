@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable
 
+from .._internal.warn import warn
 from ..checkpoint.listing import scan
 from ..checkpoint.transfer import copy_checkpoint
 from ..errors import CheckpointSkippedWarning, UnbrokenError
@@ -41,7 +41,6 @@ class Mirror:
         self._in_callback = False
         self._closed = False
         self.last_error: BaseException | None = None
-        self.uploaded: list[str] = []
         self._thread = threading.Thread(target=self._loop, name="unbroken-mirror", daemon=True)
         self._thread.start()
 
@@ -91,8 +90,7 @@ class Mirror:
                 result = copy_checkpoint(self.remote, self.local, name, verify_source=False)
             except (OSError, UnbrokenError) as exc:
                 message = f"mirror: could not download {self.remote.url}/{name}: {exc}; trying an older one"
-                log.warning(message)
-                warnings.warn(message, CheckpointSkippedWarning, stacklevel=3)
+                warn(message, CheckpointSkippedWarning)
                 continue
             log.info("mirror: downloaded %s from %s (%.1f MB in %.1f s)", name, self.remote.url,
                      result.bytes / 1e6, result.seconds)
@@ -146,7 +144,6 @@ class Mirror:
         if result.copied:
             log.info("mirror: uploaded %s to %s (%.1f MB in %.1f s, %.0f MB/s)", name, self.remote.url,
                      result.bytes / 1e6, result.seconds, result.mb_per_s)
-        self.uploaded.append(name)
         self._apply_retention()
 
     def _apply_retention(self) -> None:

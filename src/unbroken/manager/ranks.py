@@ -88,7 +88,7 @@ def attach(storage: Storage, restore_mode: str = "direct", timeout_s: float = DE
         log.info("rank %d checkpoints into its own run directory %s (the ranks' directories differ)", world.rank,
                  storage.url)
         return None
-    if type(storage).join is Storage.join:
+    if not storage.shares_staging:
         raise NotImplementedError(f"{storage.url}: several ranks cannot save one checkpoint on "
                                   f"{type(storage).__name__} yet. Fix: a run directory on a filesystem every rank "
                                   "shares, or one run directory per rank (e.g. .../rank{RANK})")

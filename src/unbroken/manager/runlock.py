@@ -22,10 +22,10 @@ import os
 import socket
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 
+from .._internal.warn import warn
 from ..errors import RunLockedError, StorageError
 
 __all__ = ["RunLock", "LOCK_NAME"]
@@ -48,10 +48,6 @@ class RunLock:
         # Weak: the registry of held locks must not keep an abandoned manager alive.
         self._on_takeover = weakref.WeakMethod(on_takeover) if on_takeover is not None else None
         self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def acquire(self, timeout: float = 0.0, take_over: bool = True) -> None:
         """Take the lock, waiting up to ``timeout`` seconds for a live holder to exit.  A holder in this
@@ -88,9 +84,9 @@ class RunLock:
         if not take_over:
             raise RunLockedError(f"{os.path.dirname(self.path)} is in use by a CheckpointManager in this process; "
                                  "close() it first")
-        warnings.warn(f"{os.path.dirname(self.path)} was held by an earlier CheckpointManager in this process; "
-                      "it finishes its save in flight and is closed now (call close() on a manager you replace "
-                      "to avoid this warning)", RuntimeWarning, stacklevel=4)
+        warn(f"{os.path.dirname(self.path)} was held by an earlier CheckpointManager in this process; "
+             "it finishes its save in flight and is closed now (call close() on a manager you replace "
+             "to avoid this warning)", RuntimeWarning)
         callback = earlier._on_takeover() if earlier._on_takeover is not None else None
         if callback is not None:
             callback()

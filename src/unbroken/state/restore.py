@@ -7,7 +7,6 @@ any ``load_state_dict`` that might draw random numbers.
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import MutableMapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._internal.warn import warn
 from ..errors import CorruptCheckpointError, PartialRestoreError, StateMismatchError
 from ..format.values import Json, decode
 from .capture import RNG_KEY, check_state_keys
@@ -49,7 +49,7 @@ def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensor
             + "\nFix: build the same model/optimizer as when the checkpoint was saved, or pass strict=False "
             "to load only what matches.")
     if problems:
-        warnings.warn("loading with strict=False; skipped:\n  - " + "\n  - ".join(problems), stacklevel=3)
+        warn("loading with strict=False; skipped:\n  - " + "\n  - ".join(problems), UserWarning)
     done: list[str] = []
     for key, entry in entries.items():
         if key in live and entry.kind is classify(live[key]) and entry.skip != {"*"}:
@@ -212,7 +212,10 @@ def _apply(target: Any, entry: _Entry) -> Any:
     if entry.kind in (Kind.OPTIMIZER, Kind.STATEFUL):
         _load_stateful(target, entry.value)
         return target
-    return _assign_value(target, entry.value)
+    # Plain values are replaced in the state dict, never mutated in place: an ``args`` namespace or
+    # config dict the user also holds keeps what the command line said, and ``state[key]`` holds
+    # what the checkpoint said.
+    return entry.value
 
 
 def _plain_tensors_only(module: nn.Module) -> bool:
@@ -262,9 +265,3 @@ def _to_live_devices(saved: Any, current: Any) -> Any:
         return type(saved)(_to_live_devices(s, c) for s, c in zip(saved, current, strict=True))
     return saved
 
-
-def _assign_value(target: Any, value: Any) -> Any:
-    """Plain values are replaced in the state dict, never mutated in place: an ``args`` namespace or
-    config dict the user also holds keeps what the command line said, and ``state[key]`` holds
-    what the checkpoint said."""
-    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 __all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "MANIFEST_FILE", "step_name",
            "parse_step_name"]
@@ -89,13 +90,24 @@ class Storage(ABC):
     """A run directory: committed checkpoints plus staging and trash areas."""
 
     url: str
+    #: Whether :meth:`join` works: several processes (the ranks of one job) can write files into one
+    #: staging area.  A capability of the class, so callers never probe by calling or comparing methods.
+    shares_staging: ClassVar[bool] = False
 
     @abstractmethod
     def names(self) -> list[str]:
         """Names of checkpoint directories, staging and trash areas excluded (committed or not)."""
 
     @abstractmethod
-    def exists(self, name: str) -> bool: ...
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is taken by a checkpoint, so that no new checkpoint may be committed under it.
+
+        The same question on every storage, answered from what commits a checkpoint there.  Locally a
+        checkpoint appears under its name only by the atomic rename of its commit, so any directory
+        entry called ``name`` counts (a committed checkpoint, or something foreign the rename must not
+        replace).  On object storage the manifest object is the commit, so data objects without it
+        (an unfinished save) do not count.  Nothing is read or validated: a corrupt checkpoint exists.
+        """
 
     @abstractmethod
     def begin(self, name: str) -> Staging: ...

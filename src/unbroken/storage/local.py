@@ -200,6 +200,8 @@ class LocalStaging(Staging):
 
 
 class LocalStorage(Storage):
+    shares_staging = True  # ranks on one shared filesystem write into one staging directory
+
     def __init__(self, root: str | os.PathLike[str], create: bool = True) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
