@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
+from .._internal.warn import warn
 from ..errors import CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError, PartialRestoreError
 from ..format import Manifest
 from ..storage import Storage, step_name
@@ -14,8 +13,6 @@ from ..storage.paths import committed_steps
 from .single import load_checkpoint
 
 __all__ = ["restore_newest", "restore_step"]
-
-log = logging.getLogger("unbroken")
 
 
 def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bool, rng: bool) -> Manifest | None:
@@ -33,8 +30,7 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
             if isinstance(exc, PartialRestoreError):
                 partial = exc  # an older checkpoint overwrites every entry again; a fresh start would not
             message = f"skipping checkpoint {storage.url}/{name}: {exc}"
-            log.warning(message)
-            warnings.warn(message, CheckpointSkippedWarning, stacklevel=3)
+            warn(message, CheckpointSkippedWarning)
             continue
         if manifest.step != step:
             raise CorruptCheckpointError(f"{storage.url}/{name}: manifest says step {manifest.step}")

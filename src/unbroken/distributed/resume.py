@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
+from .._internal.warn import warn
 from ..errors import (
     CheckpointNotFoundError,
     CheckpointSkippedWarning,
@@ -141,6 +141,5 @@ def _agree(world: World, failure: Exception | None, where: str, explicit: bool) 
         raise kind(f"{where}: rank {rank} could not restore it: {verdict['error']}")
     rank, verdict = bad[0]
     message = f"skipping checkpoint {where}: rank {rank}: {verdict['error']}"
-    log.warning(message)
-    warnings.warn(message, CheckpointSkippedWarning, stacklevel=6)  # the caller of CheckpointManager.restore
+    warn(message, CheckpointSkippedWarning)
     return True

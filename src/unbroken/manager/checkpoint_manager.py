@@ -9,13 +9,13 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 import weakref
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 
 from .._internal.gcpause import paused_gc
+from .._internal.warn import warn
 from ..checkpoint.listing import CheckpointRecord, record_of, scan
 from ..checkpoint.newest import restore_newest, restore_step
 from ..checkpoint.single import build_manifest, load_checkpoint
@@ -191,8 +191,7 @@ class CheckpointManager:
             # overwritten, and stopping the training for it would be worse than skipping this save.
             message = (f"a checkpoint for step {step} already exists in {self.storage.url}; not overwritten "
                        "(delete it or use a new run directory to keep this run's state)")
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warn(message, RuntimeWarning)
             self._saved_steps.add(step)
             return False
         return self._start_save(step, self._last_metrics)
@@ -276,8 +275,7 @@ class CheckpointManager:
             # Only I/O failures are downgraded: the next scheduled save tries again, and the earlier
             # checkpoints are intact.  A bug (unserializable state) must still stop the run.
             message = f"checkpoint for step {step} failed, training continues: {exc}"
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warn(message, RuntimeWarning)
             return None
 
     def _after_commit(self, manifest: Manifest) -> None:
@@ -305,8 +303,7 @@ class CheckpointManager:
                 log.info("retention: deleted checkpoint step %d", record.step)
             except OSError as exc:  # a failed delete costs disk space, never the run
                 message = f"retention: could not delete checkpoint step {record.step}: {exc}"
-                log.warning(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=4)
+                warn(message, RuntimeWarning)
 
     # -- listing and lifetime -----------------------------------------------------------------------
     def list(self, verify: bool = False) -> list[CheckpointRecord]:

@@ -11,14 +11,13 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 
 import torch
 
 from .._internal.gcpause import paused_gc
+from .._internal.warn import warn
 from ..distributed.shards import whole_tensors
 from ..errors import StorageError
 from ..format import Manifest
@@ -28,8 +27,6 @@ from ..state import Snapshot
 from ..storage import Storage
 
 __all__ = ["SaveRunner"]
-
-log = logging.getLogger("unbroken")
 
 
 class SaveRunner:
@@ -49,8 +46,7 @@ class SaveRunner:
         """Start saving ``snap``; ``None`` if skipped because a save is in flight (``when_busy="skip"``)."""
         if self.busy and self.when_busy == "skip":
             message = f"checkpoint for step {step} skipped: the previous save is still being written"
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warn(message, RuntimeWarning)
             return None
         self.wait()
         with paused_gc():
