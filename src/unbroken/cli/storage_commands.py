@@ -51,21 +51,37 @@ def add_prune(sub: Any) -> None:
                            description="Delete the checkpoints of RUN that no rule keeps. The newest valid "
                                        "checkpoint is always kept. Abandoned partial saves are removed too.")
     prune.add_argument("run_dir")
-    prune.add_argument("--keep-last", type=int, metavar="N")
-    prune.add_argument("--keep-best", type=int, metavar="N")
-    prune.add_argument("--metric", help="metric that ranks checkpoints for --keep-best")
-    prune.add_argument("--mode", choices=("min", "max"), default="min")
-    prune.add_argument("--keep-every", type=int, metavar="N", help="keep steps that are multiples of N")
+    add_retention_flags(prune)
     prune.add_argument("--invalid", action="store_true", help="also delete checkpoints that fail validation")
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     add_storage_option(prune)
     prune.set_defaults(run=_prune)
 
 
+# Spellings the flags had before they were generated from the options; still accepted.
+_OLD_FLAGS = {"best_metric": ("--metric",), "best_mode": ("--mode",)}
+
+
+def add_retention_flags(parser: argparse.ArgumentParser) -> None:
+    """``--keep-last N`` etc.: one flag per retention option, with the manager option's type, default,
+    choices and documentation (defined once, in unbroken/manager/options.py)."""
+    from unbroken.manager.options import describe_options  # no torch: see that module
+    from unbroken.manager.retention import RETENTION_OPTIONS
+
+    for option in describe_options():
+        if option.name in RETENTION_OPTIONS:
+            number = option.value_type in (int, float)
+            parser.add_argument("--" + option.name.replace("_", "-"), *_OLD_FLAGS.get(option.name, ()),
+                                dest=option.name, type=option.value_type, choices=option.choices,
+                                default=option.default, metavar="N" if number else None,
+                                help=option.plain_doc.replace("%", "%%"))
+
+
 def _prune(args: argparse.Namespace) -> int:
+    from unbroken.manager.retention import RETENTION_OPTIONS
+
     try:
-        result = unbroken.prune(args.run_dir, keep_last=args.keep_last, keep_best=args.keep_best,
-                                best_metric=args.metric, best_mode=args.mode, keep_every=args.keep_every,
+        result = unbroken.prune(args.run_dir, **{name: getattr(args, name) for name in RETENTION_OPTIONS},
                                 invalid=args.invalid, dry_run=args.dry_run, storage_options=storage_options(args))
     except ValueError as exc:
         print(f"unbroken prune: error: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ from ..state import capture, check_state_keys
 from ..storage import LocalStorage, Storage, is_url, open_storage, step_name
 from ..storage.paths import is_checkpoint_dir, split_checkpoint_path
 from .mirror import Mirror
-from .options import ManagerConfig
+from .options import ManagerOptions, takes_options
 from .preemption import (
     EXIT_PREEMPTED,
     Preempted,
@@ -52,33 +52,25 @@ class CheckpointManager:
     ``state`` maps names to objects with ``state_dict()``/``load_state_dict()`` (models, optimizers,
     schedulers, scalers, EMA models, samplers, ...) or to plain JSON-able values (epoch, args).  The
     dict is read at every save; :meth:`restore` loads objects in place and replaces plain values in it.
-    See :class:`ManagerConfig` for every keyword argument.
+    Every option is a keyword of :meth:`__init__`, listed there with its meaning; they are defined once,
+    in :class:`~unbroken.manager.options.ManagerOptions`.
     """
 
+    @takes_options
     def __init__(self, directory: str | os.PathLike[str], state: MutableMapping[str, Any], *,
-                 every_steps: int | None = None, every_minutes: float | None = None,
-                 keep_last: int | None = None, keep_best: int | None = None, best_metric: str | None = None,
-                 best_mode: str = "min", keep_every: int | None = None, save_on_close: bool = True,
-                 strict: bool = True, capture_rng: bool = True, metadata: Any = None, async_save: bool = True,
-                 when_busy: str = "wait", staging_budget_mb: float | None = None,
-                 on_save_error: str = "raise", lock: bool = True, lock_timeout: float = 0.0,
-                 stop_signals: tuple[str | int, ...] | None = ("SIGTERM", "SIGUSR1"), on_stop: str = "exit",
-                 max_runtime: float | None = None, deadline: float | None = None,
-                 deadline_from_slurm: bool = True, deadline_margin: float = 30.0,
-                 storage_options: dict[str, Any] | None = None, mirror_to: str | None = None,
-                 mirror_options: dict[str, Any] | None = None, mirror_keep_last: int | None = None,
-                 restore_mode: str = "direct", dist_timeout: float = 600.0) -> None:
-        self.config = ManagerConfig(every_steps=every_steps, every_minutes=every_minutes, keep_last=keep_last,
-                                    keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
-                                    keep_every=keep_every, save_on_close=save_on_close, strict=strict,
-                                    capture_rng=capture_rng, metadata=metadata, async_save=async_save,
-                                    when_busy=when_busy, staging_budget_mb=staging_budget_mb,
-                                    on_save_error=on_save_error, lock=lock, lock_timeout=lock_timeout,
-                                    stop_signals=stop_signals, on_stop=on_stop, max_runtime=max_runtime,
-                                    deadline=deadline, deadline_from_slurm=deadline_from_slurm,
-                                    deadline_margin=deadline_margin, mirror_to=mirror_to,
-                                    mirror_keep_last=mirror_keep_last, restore_mode=restore_mode,
-                                    dist_timeout=dist_timeout)
+                 storage_options: dict[str, Any] | None = None, mirror_options: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        """Open (or create) the run directory and manage the checkpoints of ``state``.
+
+        directory: a local path or an fsspec URL (``s3://bucket/run``).
+        state: names -> objects with ``state_dict()``/``load_state_dict()``, or plain JSON-able values.
+        storage_options: fsspec options (credentials, endpoint) for a URL ``directory``; never stored.
+        mirror_options: the same for ``mirror_to``.
+
+        An unknown option raises TypeError naming it and the close matches; a bad value raises an error
+        naming the option.
+        """
+        self.config = ManagerOptions.from_keywords(options)
         for value in state.values():
             if needs_adoption(value):
                 make_resumable(value)  # in place: the caller's loader object now resumes exactly

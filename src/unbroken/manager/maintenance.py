@@ -16,7 +16,7 @@ from ..checkpoint.listing import CheckpointRecord, scan
 from ..checkpoint.transfer import CopyResult, copy_checkpoint
 from ..storage import LocalStorage, Storage, is_url, step_name
 from ..storage.paths import open_run
-from .retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy, expired
+from .retention import RetentionPolicy, expired, policies_from
 from .runlock import RunLock
 
 __all__ = ["PruneResult", "prune", "copy_checkpoints"]
@@ -36,7 +36,8 @@ def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep
           ) -> PruneResult:
     """Delete the checkpoints no rule keeps (the newest valid one always stays), and with ``invalid``
     those that fail validation; abandoned partial saves are removed.  ``dry_run`` deletes nothing."""
-    policies = _policies(keep_last, keep_best, best_metric, best_mode, keep_every)
+    policies = policies_from(keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
+                             keep_every=keep_every)
     if not policies and not invalid:
         raise ValueError("prune needs a rule (keep_last, keep_best, keep_every) or invalid=True")
     storage = open_run(run_dir, storage_options)
@@ -48,20 +49,6 @@ def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep
     finally:
         if lock is not None:
             lock.release()
-
-
-def _policies(keep_last: int | None, keep_best: int | None, best_metric: str | None, best_mode: str,
-              keep_every: int | None) -> list[RetentionPolicy]:
-    policies: list[RetentionPolicy] = []
-    if keep_last is not None:
-        policies.append(KeepLast(keep_last))
-    if keep_best is not None:
-        if not best_metric:
-            raise ValueError("keep_best needs best_metric (the metric that ranks checkpoints)")
-        policies.append(KeepBest(keep_best, best_metric, best_mode))
-    if keep_every is not None:
-        policies.append(KeepEvery(keep_every))
-    return policies
 
 
 def _prune(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry_run: bool) -> PruneResult:

@@ -7,12 +7,14 @@ checkpoint a restart would resume from.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-__all__ = ["RetentionPolicy", "KeepLast", "KeepBest", "KeepEvery", "steps_to_keep", "Candidate", "expired"]
+__all__ = ["RetentionPolicy", "KeepLast", "KeepBest", "KeepEvery", "steps_to_keep", "Candidate", "expired",
+           "policies_from", "RETENTION_OPTIONS", "BEST_MODES"]
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,23 @@ class KeepBest:
     def __post_init__(self) -> None:
         _positive(self.n, "keep_best")
         if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError("keep_best needs best_metric: the name of a metric passed to step(..., metrics=...)")
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {self.mode!r}")
+            raise ValueError("keep_best needs best_metric: the name of the metric (passed to step(..., metrics=...)) "
+                             "that ranks checkpoints")
+        _check_mode(self.mode)
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         scored = [(c.metrics[self.metric], c.step) for c in candidates if _is_score(c.metrics.get(self.metric))]
         sign = 1 if self.mode == "min" else -1
         scored.sort(key=lambda pair: (sign * pair[0], -pair[1]))
         return {step for _, step in scored[: self.n]}
+
+
+BEST_MODES = ("min", "max")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in BEST_MODES:
+        raise ValueError(f"best_mode must be 'min' or 'max', got {mode!r}")
 
 
 def _is_score(value: Any) -> bool:
@@ -85,6 +95,31 @@ class KeepEvery:
 
     def keep(self, candidates: Sequence[Candidate]) -> set[int]:
         return {c.step for c in candidates if c.step % self.steps == 0}
+
+
+def policies_from(*, keep_last: int | None, keep_best: int | None, best_metric: str | None, best_mode: str,
+                  keep_every: int | None) -> list[RetentionPolicy]:
+    """The policies these retention options ask for (none: keep everything), or a ValueError naming the
+    bad option and its fix.
+
+    The one place retention options become policies: the manager's options, ``unbroken.prune`` and the
+    ``unbroken prune`` flags all come here, so they accept and refuse the same settings, with one message.
+    """
+    _check_mode(best_mode)  # even unused: a typo there is still a mistake
+    if best_metric is not None and keep_best is None:
+        raise ValueError(f"best_metric={best_metric!r} is set but keep_best is not; set keep_best=N")
+    policies: list[RetentionPolicy] = []
+    if keep_last is not None:
+        policies.append(KeepLast(keep_last))
+    if keep_best is not None:
+        policies.append(KeepBest(keep_best, best_metric or "", best_mode))
+    if keep_every is not None:
+        policies.append(KeepEvery(keep_every))
+    return policies
+
+
+# The names of the retention options, in the manager's options and as ``unbroken prune`` flags.
+RETENTION_OPTIONS: tuple[str, ...] = tuple(inspect.signature(policies_from).parameters)
 
 
 def steps_to_keep(candidates: Sequence[Candidate], policies: Iterable[RetentionPolicy]) -> set[int]:
