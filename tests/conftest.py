@@ -6,9 +6,7 @@ seed"); the fixtures below are the common trained instances.  Checkpoints go und
 
 from __future__ import annotations
 
-import argparse
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,25 +132,3 @@ def ema() -> Any:
 @pytest.fixture
 def tensor_bag() -> TensorBag:
     return TensorBag(0)
-
-
-@pytest.fixture
-def make_state() -> Callable[..., dict[str, Any]]:
-    """``make_state(seed=0, trained=True)``: a whole training state (model, EMA, optimizer, scheduler,
-    scaler, a user object and plain values).  ``trained=False`` gives fresh objects to restore into."""
-
-    def build(seed: int = 0, trained: bool = True) -> dict[str, Any]:
-        model = make_mlp(seed)
-        opt = make_optimizer("adamw", model)
-        if trained:
-            train(model, opt, steps=2, seed=seed)
-        ema = make_ema(model, 0.99, updates=2 if trained else 0)
-        sched = make_scheduler("cosine", opt, steps=3 if trained else 0)
-        return {
-            "model": model, "ema": ema, "optimizer": opt, "scheduler": sched,
-            "scaler": make_scaler(trained), "bag": TensorBag(seed),
-            "epoch": 3 if trained else 0,
-            "args": argparse.Namespace(lr=3e-3, betas=(0.9, 0.95), name="exp") if trained else argparse.Namespace(),
-        }
-
-    return build

@@ -11,7 +11,7 @@ import copy
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,11 +19,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from unbroken import CheckpointManager
 from unbroken.format import seal
+from unbroken.storage import Storage
 
 __all__ = [
     "assert_exactly_equal", "exactly_equal", "snapshot", "make_mlp", "train", "make_optimizer",
     "make_scheduler", "make_scaler", "make_ema", "TensorBag", "OPTIMIZERS", "SCHEDULERS",
+    "make_state", "make_training_state", "SyncManager", "commit_files",
 ]
 
 
@@ -246,3 +249,65 @@ def sealed_manifest(doc: dict[str, Any]) -> bytes:
 def reseal(raw: bytes) -> bytes:
     """``raw`` manifest bytes edited in place, with their checksum member recomputed."""
     return seal(re.sub(rb',"manifest_crc32c":[0-9]+\}\s*$', b"", raw))
+
+
+# --------------------------------------------------------------------------------------------------
+# manager-level states
+# --------------------------------------------------------------------------------------------------
+
+def make_state(seed: int = 0, sizes: Sequence[int] = (4, 8, 1), *,
+               optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer] = torch.optim.AdamW,
+               step_lr: bool = False, epoch: int | None = None) -> dict[str, Any]:
+    """A small state for manager tests: ``model`` (seeded; one ``Linear`` for two ``sizes``, else
+    ``Linear`` layers with ``ReLU`` between), its ``optimizer``, a ``StepLR(3, 0.5)`` under
+    ``"scheduler"`` when ``step_lr``, and ``epoch`` (the seed unless given).  Modules bind their
+    variant once with ``functools.partial``."""
+    torch.manual_seed(seed)
+    model: nn.Module
+    if len(sizes) == 2:
+        model = nn.Linear(sizes[0], sizes[1])
+    else:
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        model = nn.Sequential(*layers[:-1])
+    opt = optimizer(model.parameters())
+    state: dict[str, Any] = {"model": model, "optimizer": opt}
+    if step_lr:
+        state["scheduler"] = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    state["epoch"] = seed if epoch is None else epoch
+    return state
+
+
+def make_training_state(seed: int = 0, trained: bool = True) -> dict[str, Any]:
+    """A whole training state (model, EMA, optimizer, scheduler, scaler, a user object and plain
+    values).  ``trained=False`` gives fresh objects to restore into."""
+    model = make_mlp(seed)
+    opt = make_optimizer("adamw", model)
+    if trained:
+        train(model, opt, steps=2, seed=seed)
+    ema = make_ema(model, 0.99, updates=2 if trained else 0)
+    sched = make_scheduler("cosine", opt, steps=3 if trained else 0)
+    return {
+        "model": model, "ema": ema, "optimizer": opt, "scheduler": sched,
+        "scaler": make_scaler(trained), "bag": TensorBag(seed),
+        "epoch": 3 if trained else 0,
+        "args": argparse.Namespace(lr=3e-3, betas=(0.9, 0.95), name="exp") if trained else argparse.Namespace(),
+    }
+
+
+def SyncManager(*args: Any, **kwargs: Any) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
+    """A manager whose saves are committed when ``step()``/``save()`` returns, for tests that check
+    the disk right after.  The background path is covered by tests/manager/test_async_save.py."""
+    kwargs.setdefault("async_save", False)
+    return CheckpointManager(*args, **kwargs)
+
+
+def commit_files(storage: Storage, name: str, files: dict[str, bytes], manifest: bytes = b"{}") -> None:
+    """Write ``files`` into a staging area of ``storage`` and commit it as ``name`` with ``manifest``."""
+    staging = storage.begin(name)
+    for file_name, data in files.items():
+        handle = staging.create(file_name)
+        handle.write(memoryview(data))
+        handle.close()
+    staging.commit(manifest)

@@ -22,13 +22,8 @@ def tmpfs(path: Path, size: str = "4m", read_only: bool = False) -> Iterator[Pat
     """Mount a size-limited tmpfs at ``path`` for the duration; skip the test if mounting is not allowed."""
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    result = _run("mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)) if os.geteuid() == 0 else None
-    if result is None or result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() if result else 'not root'})")
-    try:
+    with _mounted(path, "mount a tmpfs", "-t", "tmpfs", "-o", options, "tmpfs", str(path)):
         yield path
-    finally:
-        _run("umount", "-l", str(path))
 
 
 def remount(path: Path, read_only: bool) -> None:
@@ -40,10 +35,17 @@ def remount(path: Path, read_only: bool) -> None:
 @contextlib.contextmanager
 def bind_mount(path: Path) -> Iterator[Path]:
     """Bind-mount ``path`` on itself: it can then not be renamed (EBUSY), a real undeletable directory."""
-    result = _run("mount", "--bind", str(path), str(path)) if os.geteuid() == 0 else None
-    if result is None or result.returncode != 0:
-        pytest.skip(f"cannot bind-mount here ({result.stderr.strip() if result else 'not root'})")
-    try:
+    with _mounted(path, "bind-mount", "--bind", str(path), str(path)):
         yield path
+
+
+@contextlib.contextmanager
+def _mounted(path: Path, what: str, *mount_args: str) -> Iterator[None]:
+    """``mount *mount_args`` for the duration (lazily unmounted after); skip the test where not allowed."""
+    result = _run("mount", *mount_args) if os.geteuid() == 0 else None
+    if result is None or result.returncode != 0:
+        pytest.skip(f"cannot {what} here ({result.stderr.strip() if result else 'not root'})")
+    try:
+        yield
     finally:
         _run("umount", "-l", str(path))

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import unbroken
+from tests import helpers
 from unbroken import CheckpointManager, StorageError
 from unbroken._internal import failpoints
+
+make_state = partial(helpers.make_state, sizes=(64, 64), epoch=0,
+                     optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
 
 SAVE_POINTS = ["staging.create", "file.create", "file.write", "file.fsync", "manifest.write", "manifest.rename",
                "commit.rename", "commit.fsync"]
@@ -30,11 +34,6 @@ def _disarm() -> Iterator[None]:
     yield
     failpoints.arm(None)
 
-
-def make_state() -> dict:
-    torch.manual_seed(0)
-    model = nn.Linear(64, 64)
-    return {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "epoch": 0}
 
 
 def bump(state: dict, value: float) -> None:

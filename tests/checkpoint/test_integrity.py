@@ -13,25 +13,23 @@ import random
 import shutil
 import struct
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+from tests import helpers
 from tests.helpers import reseal
 from unbroken import CheckpointManager, CheckpointSkippedWarning
 from unbroken.cli.main import main as cli_main
 from unbroken.format import FORMAT_VERSION
 
+make_state = partial(helpers.make_state, sizes=(16, 32, 4), optimizer=torch.optim.Adam)
+
 DATA = "rank00000.safetensors"
 MANIFEST = "manifest.json"
 
-
-def make_state(seed: int) -> dict:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    return {"model": model, "optimizer": torch.optim.Adam(model.parameters()), "epoch": seed}
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 import unbroken
-from unbroken import CheckpointExistsError, CheckpointManager, CheckpointNotFoundError
-
-
-def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
-    """These tests check the disk right after step(): saves must be committed when it returns.
-    The background path is covered by tests/manager/test_async_save.py."""
-    kwargs.setdefault("async_save", False)
-    return CheckpointManager(*args, **kwargs)
+from tests.helpers import SyncManager
+from unbroken import CheckpointExistsError, CheckpointNotFoundError
 
 
 def test_save_load_round_trip_with_metadata(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import unbroken
-from tests.fuzzing import fuzz
+from tests.fuzzing import fuzz, mutate
 from tests.helpers import assert_exactly_equal, sealed_manifest
 from unbroken.errors import CorruptCheckpointError
 from unbroken.format import MAX_HEADER_BYTES, NAME_TO_DTYPE, PREFIX_BYTES, build_header, header_length, parse_header
@@ -479,16 +479,5 @@ def test_fuzz_mutated_header_any_json_values(case: tuple[dict[str, Any], int]) -
 @fuzz
 @given(st.data())
 def test_fuzz_byte_mutations_of_a_valid_header(data: Any) -> None:
-    body = bytearray(_body(_VALID_TABLE))
-    for _ in range(data.draw(st.integers(1, 4))):
-        pos = data.draw(st.integers(0, len(body) - 1))
-        op = data.draw(st.sampled_from(["flip", "set", "delete", "insert"]))
-        if op == "flip":
-            body[pos] ^= 1 << data.draw(st.integers(0, 7))
-        elif op == "set":
-            body[pos] = data.draw(st.integers(0, 255))
-        elif op == "delete" and len(body) > 1:
-            del body[pos]
-        else:
-            body.insert(pos, data.draw(st.sampled_from(b'0123456789-.,:[]{}"eE ')))
-    _parse_or_corrupt(bytes(body), PREFIX_BYTES + len(body) + _VALID_DATA)
+    body = mutate(data, _body(_VALID_TABLE))
+    _parse_or_corrupt(body, PREFIX_BYTES + len(body) + _VALID_DATA)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import unbroken
-from tests.helpers import assert_exactly_equal, sealed_manifest
+from tests.helpers import assert_exactly_equal, make_training_state, sealed_manifest
 from unbroken.errors import CorruptCheckpointError
 from unbroken.format import MANIFEST_NAME, PREFIX_BYTES
 from unbroken.io import read_manifest, read_tensors, verify_checkpoint
@@ -37,15 +37,15 @@ def _live_snapshot(state: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def saved(ckpt_path: Path, make_state: Callable[..., dict[str, Any]]) -> Path:
-    unbroken.save(ckpt_path, make_state(0, trained=True), step=3)
+def saved(ckpt_path: Path) -> Path:
+    unbroken.save(ckpt_path, make_training_state(0, trained=True), step=3)
     return ckpt_path
 
 
 @pytest.fixture
-def live(make_state: Callable[..., dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def live() -> Iterator[dict[str, Any]]:
     """Fresh objects to load into; after the test they must be exactly as they were."""
-    state = make_state(1, trained=False)
+    state = make_training_state(1, trained=False)
     before = _live_snapshot(state)
     yield state
     assert_exactly_equal(_live_snapshot(state), before)
@@ -71,11 +71,11 @@ def _flip_bit(file: Path, offset: int, bit: int) -> None:
     file.write_bytes(bytes(data))
 
 
-def test_intact_checkpoint_loads(saved: Path, make_state: Callable[..., dict[str, Any]]) -> None:
-    state = make_state(1, trained=False)
+def test_intact_checkpoint_loads(saved: Path) -> None:
+    state = make_training_state(1, trained=False)
     record = unbroken.load(saved, state)
     assert record.step == 3
-    assert_exactly_equal(state["model"].state_dict(), make_state(0, trained=True)["model"].state_dict())
+    assert_exactly_equal(state["model"].state_dict(), make_training_state(0, trained=True)["model"].state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +113,10 @@ def test_bit_flip_in_length_prefix_is_refused(saved: Path, live: dict[str, Any],
 
 
 def test_tensor_file_from_another_checkpoint_with_the_same_layout(
-        saved: Path, live: dict[str, Any], tmp_path: Path, make_state: Callable[..., dict[str, Any]]) -> None:
+        saved: Path, live: dict[str, Any], tmp_path: Path) -> None:
     other = tmp_path / "other"
     with torch.random.fork_rng():  # building objects seeds torch; keep the live RNG as it was
-        unbroken.save(other, make_state(2, trained=True), step=3)
+        unbroken.save(other, make_training_state(2, trained=True), step=3)
     assert (other / TENSOR_FILE).stat().st_size == (saved / TENSOR_FILE).stat().st_size
     shutil.copyfile(other / TENSOR_FILE, saved / TENSOR_FILE)
     assert "checksum" in _load_error(saved, live)
@@ -302,8 +302,8 @@ def _craft_state(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     (path / MANIFEST_NAME).write_bytes(sealed_manifest(doc))
 
 
-def _assert_refused_untouched(path: Path, make_state: Callable[..., dict[str, Any]]) -> None:
-    state = make_state(1, trained=False)
+def _assert_refused_untouched(path: Path) -> None:
+    state = make_training_state(1, trained=False)
     before = _live_snapshot(state)
     try:
         with pytest.raises(CorruptCheckpointError):
@@ -319,10 +319,10 @@ def _assert_refused_untouched(path: Path, make_state: Callable[..., dict[str, An
     lambda s: s["model"].pop("value"),
     lambda s: s["model"].__setitem__("value", {"__evil__": 1}),
 ], ids=["entry-not-object", "unknown-kind", "kind-unhashable", "no-value", "unknown-tag"])
-def test_crafted_state_entries_are_corrupt(saved: Path, make_state: Callable[..., dict[str, Any]],
+def test_crafted_state_entries_are_corrupt(saved: Path,
                                            edit: Callable[[dict[str, Any]], None]) -> None:
     _craft_state(saved, edit)
-    _assert_refused_untouched(saved, make_state)
+    _assert_refused_untouched(saved)
 
 
 @pytest.mark.parametrize("edit", [
@@ -336,9 +336,9 @@ def test_crafted_state_entries_are_corrupt(saved: Path, make_state: Callable[...
 ], ids=["module-value-list", "module-non-tensor", "module-meta-list", "optimizer-groups-int",
         "optimizer-state-list", "rng-python-bad", "rng-numpy-bad"])
 def test_crafted_state_values_are_corrupt_and_nothing_is_loaded(
-        saved: Path, make_state: Callable[..., dict[str, Any]], edit: Callable[[dict[str, Any]], None]) -> None:
+        saved: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     _craft_state(saved, edit)
-    _assert_refused_untouched(saved, make_state)
+    _assert_refused_untouched(saved)
 
 
 def _first_state(s: dict[str, Any]) -> dict[str, Any]:
@@ -354,6 +354,6 @@ def _first_state(s: dict[str, Any]) -> dict[str, Any]:
 ], ids=["module-meta-not-dict", "module-meta-version-str", "optimizer-param-id-dict", "optimizer-step-list",
         "optimizer-param-state-float"])
 def test_crafted_nested_state_values_are_corrupt_and_nothing_is_loaded(
-        saved: Path, make_state: Callable[..., dict[str, Any]], edit: Callable[[dict[str, Any]], None]) -> None:
+        saved: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     _craft_state(saved, edit)
-    _assert_refused_untouched(saved, make_state)
+    _assert_refused_untouched(saved)

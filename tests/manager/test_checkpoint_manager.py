@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 
 import unbroken
+from tests import helpers
+from tests.helpers import SyncManager
 from tests.mounts import bind_mount, remount, tmpfs
 from unbroken import (
     CheckpointExistsError,
-    CheckpointManager,
     CheckpointNotFoundError,
     CheckpointSkippedWarning,
     StateMismatchError,
@@ -22,20 +24,10 @@ from unbroken import (
     UnserializableStateError,
 )
 
-
-def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
-    """These tests check the disk right after step(): saves must be committed when it returns.
-    The background path is covered by tests/manager/test_async_save.py."""
-    kwargs.setdefault("async_save", False)
-    return CheckpointManager(*args, **kwargs)
+make_state = partial(helpers.make_state, step_lr=True, epoch=0,
+                     optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
 
 
-def make_state(seed: int = 0, width: int = 8) -> dict:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    return {"model": model, "optimizer": opt, "scheduler": sched, "epoch": 0}
 
 
 def train_step(state: dict) -> float:
@@ -258,7 +250,7 @@ def test_mismatched_model_raises_once_and_does_not_fall_back(tmp_path: Path) -> 
     ckpt = SyncManager(tmp_path, make_state(), every_steps=1, save_on_close=False)
     ckpt.step(1)
     ckpt.step(2)
-    other = make_state(width=16)
+    other = make_state(sizes=(4, 16, 1))
     before = params(other)
     with pytest.raises(StateMismatchError) as info:
         SyncManager(tmp_path, other).restore()

@@ -13,23 +13,19 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import unbroken
+from tests import helpers
 from tests.s3server import S3Run, S3Server
 from unbroken.cli.main import main as cli_main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "preempt_train.py"
-
-
-def make_state(seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    return {"model": model, "optimizer": torch.optim.AdamW(model.parameters()), "epoch": seed}
+make_state = partial(helpers.make_state, sizes=(8, 16, 2))
 
 
 def train_steps(state: dict, steps: int) -> None:

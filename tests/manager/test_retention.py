@@ -11,17 +11,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import unbroken
-from unbroken import CheckpointManager, KeepBest, KeepEvery, KeepLast
+from tests.helpers import SyncManager
+from unbroken import KeepBest, KeepEvery, KeepLast
 from unbroken.manager.retention import Candidate, steps_to_keep
 
 LOSSES = {10: 0.9, 20: 0.4, 30: 0.7, 40: 0.2, 50: 0.8, 60: math.nan, 70: 0.95}
 
-
-def SyncManager(*args, **kwargs) -> CheckpointManager:  # noqa: N802 - reads like the class it builds
-    """These tests check the disk right after step(): saves must be committed when it returns.
-    The background path is covered by tests/manager/test_async_save.py."""
-    kwargs.setdefault("async_save", False)
-    return CheckpointManager(*args, **kwargs)
 
 
 def candidates(metrics: dict[int, float] = LOSSES) -> list[Candidate]:

@@ -28,6 +28,7 @@ from tests.helpers import (
     make_optimizer,
     make_scaler,
     make_scheduler,
+    make_training_state,
     snapshot,
     train,
 )
@@ -179,11 +180,11 @@ def test_plain_values_roundtrip_and_are_replaced_not_mutated(ckpt_path: Path) ->
 # a whole training state, and resuming
 # ---------------------------------------------------------------------------------------------
 
-def test_whole_training_state_roundtrips(ckpt_path: Path, make_state: Callable[..., dict[str, Any]]) -> None:
-    state = make_state(0, trained=True)
+def test_whole_training_state_roundtrips(ckpt_path: Path) -> None:
+    state = make_training_state(0, trained=True)
     before = {k: snapshot(v) for k, v in state.items()}
     unbroken.save(ckpt_path, state, step=3)
-    fresh = make_state(1, trained=False)
+    fresh = make_training_state(1, trained=False)
     unbroken.load(ckpt_path, fresh)
     assert_exactly_equal({k: snapshot(v) for k, v in fresh.items()}, before)
 
@@ -227,14 +228,13 @@ def _continue(state: dict[str, Any], batches: list[torch.Tensor]) -> None:
         ema.update_parameters(model)
 
 
-def test_resume_is_indistinguishable_from_not_stopping(ckpt_path: Path,
-                                                       make_state: Callable[..., dict[str, Any]]) -> None:
-    state = make_state(0, trained=True)
+def test_resume_is_indistinguishable_from_not_stopping(ckpt_path: Path) -> None:
+    state = make_training_state(0, trained=True)
     unbroken.save(ckpt_path, state, step=3)
     batches = _batches(42, 4)
     _continue(state, batches)
 
-    resumed = make_state(1, trained=False)
+    resumed = make_training_state(1, trained=False)
     unbroken.load(ckpt_path, resumed)
     _continue(resumed, batches)
     for key in ("model", "optimizer", "scheduler", "scaler", "ema"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import commit_files
 from unbroken.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from unbroken.format import Manifest
 from unbroken.io import FilePlan, live_runs, read_manifest, write_checkpoint
@@ -26,14 +27,6 @@ MiB = 1024 * 1024
 def storage(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "run")
 
-
-def _commit(storage: LocalStorage, name: str, files: dict[str, bytes], manifest: bytes = b"{}") -> None:
-    staging = storage.begin(name)
-    for file_name, data in files.items():
-        handle = staging.create(file_name)
-        handle.write(memoryview(data))
-        handle.close()
-    staging.commit(manifest)
 
 
 def _entries(storage: LocalStorage) -> list[str]:
@@ -99,7 +92,7 @@ def test_abort_removes_the_staging_area(storage: LocalStorage) -> None:
 
 
 def test_abort_never_touches_committed_checkpoints(storage: LocalStorage) -> None:
-    _commit(storage, "step_000000001", {"a": b"1"})
+    commit_files(storage, "step_000000001", {"a": b"1"})
     staging = storage.begin("step_000000001")
     staging.create("a").close()
     staging.abort()
@@ -108,7 +101,7 @@ def test_abort_never_touches_committed_checkpoints(storage: LocalStorage) -> Non
 
 
 def test_commit_refuses_to_overwrite_a_committed_checkpoint(storage: LocalStorage) -> None:
-    _commit(storage, "step_000000005", {"a": b"old"}, b'{"v": "old"}')
+    commit_files(storage, "step_000000005", {"a": b"old"}, b'{"v": "old"}')
     staging = storage.begin("step_000000005")
     handle = staging.create("a")
     handle.write(memoryview(b"new"))
@@ -186,7 +179,7 @@ def test_step_names() -> None:
 # ---------------------------------------------------------------------------------------------
 
 def test_cleanup_removes_staging_and_trash_leftovers_only(storage: LocalStorage) -> None:
-    _commit(storage, "step_000000001", {"a": b"1"})
+    commit_files(storage, "step_000000001", {"a": b"1"})
     root = Path(storage.root)
     abandoned = storage.begin("step_000000002")  # a save that crashed mid-way
     abandoned.create("a").write(memoryview(b"partial"))
@@ -213,8 +206,8 @@ def test_cleanup_reports_only_what_it_removed(storage: LocalStorage) -> None:
 
 
 def test_delete_removes_a_checkpoint(storage: LocalStorage) -> None:
-    _commit(storage, "step_000000001", {"a": b"1"})
-    _commit(storage, "step_000000002", {"a": b"2"})
+    commit_files(storage, "step_000000001", {"a": b"1"})
+    commit_files(storage, "step_000000002", {"a": b"2"})
     storage.delete("step_000000001")
     assert storage.names() == ["step_000000002"]
     assert _entries(storage) == ["step_000000002"]
@@ -222,7 +215,7 @@ def test_delete_removes_a_checkpoint(storage: LocalStorage) -> None:
 
 def test_delete_goes_through_a_trash_name(storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
     """A delete interrupted half-way leaves a trash area, never a half-deleted 'committed' checkpoint."""
-    _commit(storage, "step_000000001", {"a": b"1", "b": b"2"})
+    commit_files(storage, "step_000000001", {"a": b"1", "b": b"2"})
 
     def crash(path: str, *args: object, **kwargs: object) -> None:
         os.unlink(os.path.join(path, "a"))  # got half-way
@@ -253,7 +246,7 @@ def test_delete_of_a_missing_checkpoint_is_a_storage_error(storage: LocalStorage
 
 def test_open_and_read_into(storage: LocalStorage) -> None:
     data = bytes(range(256)) * 10
-    _commit(storage, "c", {"f": data})
+    commit_files(storage, "c", {"f": data})
     with storage.open("c", "f") as handle:
         assert handle.size == len(data)
         buf = bytearray(100)
@@ -265,14 +258,14 @@ def test_open_and_read_into(storage: LocalStorage) -> None:
 
 
 def test_read_past_the_end_is_corrupt(storage: LocalStorage) -> None:
-    _commit(storage, "c", {"f": b"0123456789"})
+    commit_files(storage, "c", {"f": b"0123456789"})
     with storage.open("c", "f") as handle:
         with pytest.raises(CorruptCheckpointError, match="truncated"):
             handle.read_into(5, memoryview(bytearray(10)))
 
 
 def test_open_missing_checkpoint_and_file(storage: LocalStorage) -> None:
-    _commit(storage, "c", {"f": b"1"})
+    commit_files(storage, "c", {"f": b"1"})
     with pytest.raises(CheckpointNotFoundError):
         storage.open("nope", "f")
     with pytest.raises(CorruptCheckpointError, match="missing"):
@@ -281,7 +274,7 @@ def test_open_missing_checkpoint_and_file(storage: LocalStorage) -> None:
 
 def test_open_refuses_a_symlinked_checkpoint_directory(storage: LocalStorage, tmp_path: Path) -> None:
     elsewhere = LocalStorage(tmp_path / "elsewhere")
-    _commit(elsewhere, "c", {"f": b"secret"})
+    commit_files(elsewhere, "c", {"f": b"secret"})
     (Path(storage.root) / "c").symlink_to(Path(elsewhere.root) / "c")
     with pytest.raises(CorruptCheckpointError, match="not a real directory"):
         storage.open("c", "f")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import assert_exactly_equal, snapshot
+from tests.helpers import assert_exactly_equal, commit_files, make_training_state, snapshot
 from tests.s3server import SECRET, S3Run, S3Server
 from unbroken._internal.gcpause import paused_gc
 from unbroken.checkpoint.single import build_manifest, load_checkpoint, save_checkpoint
@@ -58,14 +58,6 @@ def s3(s3_run: S3Run) -> FsspecStorage:
     return _s3_storage(s3_run)
 
 
-def _commit(storage: Storage, name: str, files: dict[str, bytes], manifest: bytes = b"{}") -> None:
-    staging = storage.begin(name)
-    for file_name, data in files.items():
-        handle = staging.create(file_name)
-        handle.write(memoryview(data))
-        handle.close()
-    staging.commit(manifest)
-
 
 def _read(storage: Storage, name: str, file_name: str) -> bytes:
     with storage.open(name, file_name) as handle:
@@ -89,7 +81,7 @@ def _payload(size: int, seed: int = 0) -> bytes:
 
 def test_write_commit_read_round_trip(remote: FsspecStorage) -> None:
     small, large = _payload(1000), _payload(2 * BLOCK + 123, seed=1)  # large: multipart on S3
-    _commit(remote, STEP, {"a.bin": small, "b.bin": large}, b'{"m": 1}')
+    commit_files(remote, STEP, {"a.bin": small, "b.bin": large}, b'{"m": 1}')
     assert remote.names() == [STEP] and remote.exists(STEP)
     assert remote.atomic_create == remote.url.startswith("s3://")  # S3: If-None-Match; memory: verified
     assert _read(remote, STEP, "a.bin") == small
@@ -109,7 +101,7 @@ def test_reads_of_any_size_anywhere(remote: FsspecStorage, monkeypatch: pytest.M
 
     monkeypatch.setattr(remote_files, "READ_CHUNK", 64 * 1024)
     data = _payload(MiB + 17)
-    _commit(remote, STEP, {DATA: data})
+    commit_files(remote, STEP, {DATA: data})
     rng = random.Random(0)
     with remote.open(STEP, DATA) as handle:
         for _ in range(40):
@@ -134,13 +126,13 @@ def test_uncommitted_step_is_listed_but_not_committed(remote: FsspecStorage) -> 
     assert remote.exists(STEP)
 
 
-def test_save_and_load_checkpoint_bitwise(remote: FsspecStorage, make_state: Callable[..., dict[str, Any]]) -> None:
-    state = make_state(0)
+def test_save_and_load_checkpoint_bitwise(remote: FsspecStorage) -> None:
+    state = make_training_state(0)
     state["big"] = torch.randn(3 * BLOCK // 4 + 5)  # ~3.75 MiB x 4 bytes: the data object is multipart
     saved = {k: snapshot(v) for k, v in state.items()}
     save_checkpoint(remote, STEP, state, step=1, metrics={"loss": 0.5})
     assert verify_checkpoint(remote, STEP).step == 1
-    fresh = make_state(1, trained=False)
+    fresh = make_training_state(1, trained=False)
     fresh["big"] = torch.zeros_like(state["big"])
     load_checkpoint(remote, STEP, fresh)
     for key, before in saved.items():
@@ -150,7 +142,7 @@ def test_save_and_load_checkpoint_bitwise(remote: FsspecStorage, make_state: Cal
 def test_multipart_upload_is_used_above_the_block_size(s3: FsspecStorage, s3_run: S3Run,
                                                         s3_server: S3Server) -> None:
     data = _payload(2 * BLOCK + 1)
-    _commit(s3, STEP, {"big.bin": data, "small.bin": b"s"})
+    commit_files(s3, STEP, {"big.bin": data, "small.bin": b"s"})
     client = s3_server.client()
     big = client.head_object(Bucket=s3_run.bucket, Key=f"run/{STEP}/big.bin")
     small = client.head_object(Bucket=s3_run.bucket, Key=f"run/{STEP}/small.bin")
@@ -164,11 +156,11 @@ def test_multipart_upload_is_used_above_the_block_size(s3: FsspecStorage, s3_run
 # ---------------------------------------------------------------------------------------------
 
 def test_committed_step_is_never_overwritten(remote: FsspecStorage) -> None:
-    _commit(remote, STEP, {DATA: b"first"}, b"m1")
+    commit_files(remote, STEP, {DATA: b"first"}, b"m1")
     with pytest.raises(CheckpointExistsError):
         remote.begin(STEP)
     late = remote.begin(step_name(2))
-    _commit(remote, step_name(2), {DATA: b"winner"}, b"m2")  # another writer commits the same step
+    commit_files(remote, step_name(2), {DATA: b"winner"}, b"m2")  # another writer commits the same step
     with pytest.raises(CheckpointExistsError):
         late.create(DATA)
     late.abort()
@@ -204,7 +196,7 @@ def test_lost_reply_of_a_manifest_upload_is_a_successful_commit(remote: FsspecSt
             raise ConnectionResetError(104, "Connection reset by peer")
 
     monkeypatch.setattr(remote.fs, "pipe_file", reply_lost)
-    _commit(remote, STEP, {DATA: b"d"}, b"manifest")
+    commit_files(remote, STEP, {DATA: b"d"}, b"manifest")
     assert remote.exists(STEP) and _read(remote, STEP, MANIFEST) == b"manifest"
 
 
@@ -238,7 +230,7 @@ def test_write_failure_discards_the_upload_and_commits_nothing(remote: FsspecSto
 
 
 def test_delete_removes_the_manifest_first(remote: FsspecStorage, monkeypatch: pytest.MonkeyPatch) -> None:
-    _commit(remote, STEP, {"a.bin": b"a", "b.bin": b"b"})
+    commit_files(remote, STEP, {"a.bin": b"a", "b.bin": b"b"})
     removed: list[str] = []
     real = remote.fs.rm_file
 
@@ -277,7 +269,7 @@ def test_path_like_names_are_refused(remote: FsspecStorage) -> None:
 
 
 def test_cleanup_removes_old_uncommitted_steps_only(remote: FsspecStorage) -> None:
-    _commit(remote, step_name(1), {DATA: b"committed"})
+    commit_files(remote, step_name(1), {DATA: b"committed"})
     for name in (step_name(2), step_name(3)):  # abandoned: data written, never committed
         handle = remote.begin(name).create(DATA)
         handle.write(memoryview(b"orphan"))
@@ -327,7 +319,7 @@ def test_data_object_replaced_by_one_of_the_wrong_size(remote: FsspecStorage) ->
 
 
 def test_object_shrinking_while_open_is_a_short_read(remote: FsspecStorage) -> None:
-    _commit(remote, STEP, {DATA: _payload(5000)})
+    commit_files(remote, STEP, {DATA: _payload(5000)})
     with remote.open(STEP, DATA) as handle:
         remote.fs.pipe_file(remote.path(STEP, DATA), b"short")
         with pytest.raises(CorruptCheckpointError, match=f"{DATA}: .*(truncated|changed)"):
@@ -406,7 +398,7 @@ def test_transient_upload_failures_are_retried(remote: FsspecStorage, monkeypatc
 
     monkeypatch.setattr(remote.fs, "pipe_file", flaky)
     remote.upload_attempts = 3
-    _commit(remote, STEP, {DATA: b"d"})
+    commit_files(remote, STEP, {DATA: b"d"})
     assert _read(remote, STEP, DATA) == b"d"
 
 
@@ -419,7 +411,7 @@ def test_permanent_upload_failures_are_not_retried(remote: FsspecStorage, monkey
 
     monkeypatch.setattr(remote.fs, "pipe_file", denied)
     with pytest.raises(StorageError, match="Access Denied. Fix: check the credentials"):
-        _commit(remote, STEP, {DATA: b"d"})
+        commit_files(remote, STEP, {DATA: b"d"})
     assert len(calls) == 1
 
 
@@ -427,7 +419,7 @@ def test_missing_bucket_names_the_fix(s3_run: S3Run) -> None:
     storage = FsspecStorage("s3://no-such-bucket-unbroken/run", s3_run.storage_options)
     assert storage.names() == []
     with pytest.raises(StorageError, match="bucket .* exists"):
-        _commit(storage, STEP, {DATA: b"d"})
+        commit_files(storage, STEP, {DATA: b"d"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +429,7 @@ def test_missing_bucket_names_the_fix(s3_run: S3Run) -> None:
 def test_credentials_never_appear_in_reprs_or_errors(s3: FsspecStorage, s3_server: S3Server) -> None:
     assert SECRET not in repr(s3) and "'secret': '***'" in repr(s3) and "'key': '***'" in repr(s3)
     s3_server.stop()
-    for action in (s3.names, lambda: s3.open(STEP, DATA), lambda: _commit(s3, STEP, {DATA: b"d"})):
+    for action in (s3.names, lambda: s3.open(STEP, DATA), lambda: commit_files(s3, STEP, {DATA: b"d"})):
         with pytest.raises(StorageError) as failure:
             action()
         assert SECRET not in str(failure.value) and "AKIA" not in str(failure.value)
@@ -450,7 +442,7 @@ def test_error_messages_are_scrubbed_of_secrets(remote: FsspecStorage, monkeypat
     monkeypatch.setattr(storage.fs, "pipe_file",
                         lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "bad token tok-123456")))
     with pytest.raises(StorageError) as failure:
-        _commit(storage, STEP, {DATA: b"d"})
+        commit_files(storage, STEP, {DATA: b"d"})
     assert "tok-123456" not in str(failure.value) and "bad token ***" in str(failure.value)
 
 
