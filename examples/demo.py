@@ -111,7 +111,7 @@ def read_tensors(path: Path) -> dict[str, tuple[str, list, bytes]]:
                 for k, v in header.items()}
     out = {}
     with safe_open(str(path), framework="pt") as f:
-        for k in f:
+        for k in f.keys():
             t = f.get_tensor(k).contiguous()
             raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
             out[k] = (str(t.dtype), list(t.shape), raw)

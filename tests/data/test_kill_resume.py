@@ -40,7 +40,7 @@ def run(run_dir: Path, loader: str, final: Path | None = None, kill_after: int |
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path / "rank00000.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f}
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from unbroken import CheckpointManager, StorageError
 
 def tensors_of(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(ckpt_dir / "rank00000.safetensors"), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f}
+        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -142,7 +142,7 @@ def test_state_larger_than_the_staging_budget_is_staged_in_chunks(tmp_path: Path
     ckpt = CheckpointManager(tmp_path / "chunked", state, every_steps=1, capture_rng=False,
                              staging_budget_mb=budget_mb)
     ckpt.step(1)
-    assert ckpt._saver._stager.allocated_bytes <= budget_mb * 1024 * 1024
+    assert ckpt._saver._buffers.allocated_bytes <= budget_mb * 1024 * 1024
     ckpt.close()
     unbroken.save(tmp_path / "reference", state, step=1, rng=False)
     assert bitwise_equal(tensors_of(tmp_path / "chunked" / "step_000000001"), tensors_of(tmp_path / "reference"))
@@ -154,10 +154,10 @@ def test_staging_buffers_are_reused(tmp_path: Path) -> None:
     ckpt = CheckpointManager(tmp_path, state, every_steps=1, capture_rng=False, keep_last=1)
     ckpt.step(1)
     ckpt.wait()
-    first = [b.data_ptr() for b in ckpt._saver._stager._buffers]
+    first = [b.data_ptr() for b in ckpt._saver._buffers._buffers]
     ckpt.step(2)
     ckpt.wait()
-    assert [b.data_ptr() for b in ckpt._saver._stager._buffers] == first
+    assert [b.data_ptr() for b in ckpt._saver._buffers._buffers] == first
     ckpt.close()
 
 
@@ -175,7 +175,7 @@ def test_cuda_tensors_are_staged_in_pinned_memory(tmp_path: Path) -> None:
     model = nn.Linear(256, 256).cuda()
     ckpt = CheckpointManager(tmp_path, {"model": model}, every_steps=1)
     ckpt.step(1)
-    assert all(b.is_pinned() for b in ckpt._saver._stager._buffers)
+    assert all(b.is_pinned() for b in ckpt._saver._buffers._buffers)
     ckpt.close()
     restored = nn.Linear(256, 256)
     unbroken.load(tmp_path / "step_000000001", {"model": restored})

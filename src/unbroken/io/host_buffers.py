@@ -19,13 +19,14 @@ import torch
 
 from .plan import FilePlan, Run, batch_bytes, batches, flat_bytes
 
-__all__ = ["HostStager", "StagedSave"]
+__all__ = ["HostBuffers", "BufferedSave"]
 
 _POLL_S = 0.05
 
 
-class HostStager:
-    """Owns the reusable staging buffers of one manager."""
+class HostBuffers:
+    """Owns the reusable host buffers of one manager (not the storage's staging area, where a checkpoint
+    is written before its commit)."""
 
     def __init__(self, budget_bytes: int | None = None) -> None:
         if budget_bytes is not None and budget_bytes < 2:
@@ -63,15 +64,15 @@ def _allocate(size: int, pinned: bool) -> torch.Tensor:
     return torch.frombuffer(mapped, dtype=torch.uint8)  # keeps the mapping alive
 
 
-class StagedSave:
+class BufferedSave:
     """One save's tensors moving through the staging buffers: :meth:`fill` runs on the training
     thread, :meth:`runs` on the writer thread."""
 
-    def __init__(self, stager: HostStager, plan: FilePlan, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, host: HostBuffers, plan: FilePlan, tensors: Mapping[str, torch.Tensor]) -> None:
         self.plan, self.tensors = plan, tensors
         cuda = any(t.device.type == "cuda" for t in tensors.values())
         self.cuda = cuda
-        buffers = stager.buffers_for(plan.data_bytes, pinned=cuda and torch.cuda.is_available())
+        buffers = host.buffers_for(plan.data_bytes, pinned=cuda and torch.cuda.is_available())
         self.chunk = buffers[0].numel()
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for buffer in buffers:

@@ -136,9 +136,13 @@ def steps_to_keep(candidates: Sequence[Candidate], policies: Iterable[RetentionP
 
 
 class _Listed(Protocol):
-    step: int
-    metrics: dict[str, Any]
-    valid: bool
+    # Read-only members: frozen dataclasses (CheckpointRecord) satisfy them; settable attributes would not.
+    @property
+    def step(self) -> int: ...
+    @property
+    def metrics(self) -> dict[str, Any]: ...
+    @property
+    def valid(self) -> bool: ...
 
 
 L = TypeVar("L", bound=_Listed)

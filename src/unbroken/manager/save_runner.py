@@ -6,7 +6,7 @@ Invariants:
 * the training thread returns from a background save as soon as the state is copied into the
   staging buffers, so it may change the tensors right after;
 * a save due while another is in flight waits for it (``when_busy="wait"``) or is skipped with a
-  warning (``"skip"``): the staging buffers are reused, so two saves can never share them.
+  warning (``"skip"``): the host buffers are reused, so two saves can never share them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .._internal.warn import warn
 from ..distributed.shards import whole_tensors
 from ..errors import StorageError
 from ..format import Manifest
-from ..io import AsyncWriter, FilePlan, HostStager, StagedSave, SyncWriter, live_runs, write_checkpoint
+from ..io import AsyncWriter, BufferedSave, FilePlan, HostBuffers, SyncWriter, live_runs, write_checkpoint
 from ..io.plan import Run
 from ..state import Snapshot
 from ..storage import Storage
@@ -35,7 +35,7 @@ class SaveRunner:
         self.storage, self.background, self.when_busy = storage, background, when_busy
         self._on_commit = on_commit
         self._writer = AsyncWriter() if background else SyncWriter()
-        self._stager = HostStager(budget_bytes) if background else None
+        self._buffers = HostBuffers(budget_bytes) if background else None
         self._pending: tuple[int, Future[Manifest]] | None = None
 
     @property
@@ -52,11 +52,11 @@ class SaveRunner:
         with paused_gc():
             tensors = self._file_tensors(snap)
             plan = FilePlan.build(tensors)
-        if self._stager is None:
+        if self._buffers is None:
             runs = live_runs(plan, tensors)
             future = self._writer.submit(lambda: self._commit(name, step, plan, runs, manifest))
         else:
-            staged = StagedSave(self._stager, plan, tensors)
+            staged = BufferedSave(self._buffers, plan, tensors)
             future = self._writer.submit(lambda: self._commit(name, step, plan, staged.runs(), manifest))
             staged.fill(future)  # returns once the state is copied: training may modify it again
         self._pending = (step, future)
