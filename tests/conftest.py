@@ -7,6 +7,8 @@ seed"); the fixtures below are the common trained instances.  Checkpoints go und
 from __future__ import annotations
 
 import random
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,22 @@ from torch import nn
 
 from tests.helpers import TensorBag, make_ema, make_mlp, make_optimizer, make_scaler, make_scheduler, train
 from tests.s3server import s3_run, s3_server  # noqa: F401  (fixtures: a real S3 API on 127.0.0.1)
+from unbroken._internal import failpoints
+
+# Managers install handlers for these (stop requests) and chain to the ones below; the supervisor
+# installs its own.  A handler left behind by one test would sit under the next test's manager.
+_GUARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers_and_failpoints() -> Iterator[None]:
+    """Each test starts with the handlers the worker started with and with no fault armed in-process,
+    whatever an earlier test in the same xdist worker installed, armed or failed to close."""
+    handlers = {sig: signal.getsignal(sig) for sig in _GUARDED_SIGNALS}
+    yield
+    failpoints.arm(None)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ checkpoint directory).
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -27,12 +26,6 @@ make_state = partial(helpers.make_state, sizes=(64, 64), epoch=0,
 SAVE_POINTS = ["staging.create", "file.create", "file.write", "file.fsync", "manifest.write", "manifest.rename",
                "commit.rename", "commit.fsync"]
 ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
-
-
-@pytest.fixture(autouse=True)
-def _disarm() -> Iterator[None]:
-    yield
-    failpoints.arm(None)
 
 
 

@@ -141,9 +141,6 @@ def tiny_state() -> dict:
 
 def test_on_stop_raise_gives_a_catchable_preempted_after_the_commit(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # A known handler below ours: earlier tests' unclosed managers may have left theirs, which the
-    # stop skips on purpose when it gives the handler back.
-    outer = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     before = signal.getsignal(signal.SIGUSR1)
     ckpt = unbroken.CheckpointManager(run, tiny_state(), every_steps=100, on_stop="raise")
     ckpt.step(1)
@@ -153,24 +150,20 @@ def test_on_stop_raise_gives_a_catchable_preempted_after_the_commit(tmp_path: Pa
     assert info.value.step == 2
     assert [r.step for r in unbroken.list_checkpoints(run, verify=True)] == [2]
     assert signal.getsignal(signal.SIGUSR1) == before  # handlers are given back at the stop
-    signal.signal(signal.SIGUSR1, outer)
     with pytest.raises(RuntimeError, match="closed"):
         ckpt.step(3)
 
 
 def test_a_previous_handler_is_chained(tmp_path: Path) -> None:
     seen: list[int] = []
-    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
-    try:
-        ckpt = unbroken.CheckpointManager(tmp_path / "run", tiny_state(), on_stop="raise", async_save=False)
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert seen == [signal.SIGUSR1]
-        with pytest.raises(unbroken.Preempted):
-            ckpt.step(1)
-        os.kill(os.getpid(), signal.SIGUSR1)  # after the stop, the user's handler is back on its own
-        assert seen == [signal.SIGUSR1, signal.SIGUSR1]
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    ckpt = unbroken.CheckpointManager(tmp_path / "run", tiny_state(), on_stop="raise", async_save=False)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert seen == [signal.SIGUSR1]
+    with pytest.raises(unbroken.Preempted):
+        ckpt.step(1)
+    os.kill(os.getpid(), signal.SIGUSR1)  # after the stop, the user's handler is back on its own
+    assert seen == [signal.SIGUSR1, signal.SIGUSR1]
 
 
 def test_stop_signals_none_installs_nothing(tmp_path: Path) -> None:
