@@ -2,6 +2,10 @@
 
 Every run or checkpoint argument may be a local path or a URL (``s3://bucket/run``); ``-o KEY=VALUE``
 passes fsspec storage options (an endpoint, a region) for URLs.
+
+Start-up stays cheap: library names are reached through the lazy ``unbroken`` package or imported by
+the command that runs, so ``--help``, ``run``, ``ls`` and ``verify`` never import torch
+(tests/cli/test_imports.py).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Any
 
 import unbroken
 from unbroken.cli.storage_commands import add_cp, add_prune, add_storage_option, storage_options
-from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
 __all__ = ["main"]
 
@@ -71,7 +74,7 @@ def _add_run(sub: Any) -> None:
               "-- COMMAND ...",
         description="Run COMMAND, restart it after a crash with exponential backoff, forward SIGTERM, "
                     "SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to it, and exit with its final status.",
-        epilog=f"Exit status: the child's. 0: done. {EXIT_PREEMPTED}: the child was pre-empted and saved; "
+        epilog=f"Exit status: the child's. 0: done. {unbroken.EXIT_PREEMPTED}: the child was pre-empted and saved; "
                "not restarted, requeue the job. Other: a crash, restarted unless a stop signal came or "
                "--max-restarts restarts in a row made no progress. 2: bad options. See docs/PREEMPTION.md.")
     run.add_argument("--dir", dest="run_dir", metavar="RUN_DIR",
@@ -196,6 +199,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from unbroken.cli.supervisor import SupervisorConfig, supervise
+
     # argparse keeps the "--" that separates our options from the command on some Python versions.
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:

@@ -45,9 +45,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from ..checkpoint.inspection import list_checkpoints
-from ..manager.preemption import EXIT_PREEMPTED, read_stop_marker
-from .stderrtail import StderrTail  # the status the manager exits with after a stop save
+from ..manager.preemption import EXIT_PREEMPTED, read_stop_marker  # the status the manager exits with after a stop save
+from .stderrtail import StderrTail
 
 __all__ = ["EXIT_PREEMPTED", "SupervisorConfig", "supervise"]
 
@@ -363,6 +362,8 @@ def _kill_leftovers(pgid: int) -> None:
 def _newest_step(run_dir: str | os.PathLike[str] | None) -> int | None:
     if run_dir is None:
         return None
+    from ..checkpoint.inspection import list_checkpoints  # only with --dir: `unbroken run --help` skips it
+
     try:
         records = list_checkpoints(run_dir)
     except FileNotFoundError:

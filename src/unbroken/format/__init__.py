@@ -1,8 +1,13 @@
-"""One checkpoint on disk: ``manifest.json`` plus safetensors tensor files; versioned, validated."""
+"""One checkpoint on disk: ``manifest.json`` plus safetensors tensor files; versioned, validated.
+
+Torch-free: the torch dtype tables (``NAME_TO_DTYPE``, ``DTYPE_TO_NAME``) import torch on first access.
+"""
 
 from __future__ import annotations
 
-from .dtypes import DTYPE_TO_NAME, NAME_TO_DTYPE, dtype_name
+from typing import TYPE_CHECKING, Any
+
+from .dtypes import ITEMSIZES, dtype_name
 from .header import MAX_HEADER_BYTES, PREFIX_BYTES, TensorSpan, build_header, header_length, parse_header
 from .manifest import (
                        FORMAT_VERSION,
@@ -17,8 +22,19 @@ from .manifest import (
                        seal,
 )
 
+if TYPE_CHECKING:
+    from .dtypes import DTYPE_TO_NAME, NAME_TO_DTYPE
+
 __all__ = [
-    "DTYPE_TO_NAME", "NAME_TO_DTYPE", "dtype_name", "MAX_HEADER_BYTES", "PREFIX_BYTES", "TensorSpan",
+    "ITEMSIZES", "DTYPE_TO_NAME", "NAME_TO_DTYPE", "dtype_name", "MAX_HEADER_BYTES", "PREFIX_BYTES", "TensorSpan",
     "build_header", "header_length", "parse_header", "FORMAT_VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES",
     "FileEntry", "Manifest", "TensorEntry", "ShardEntry", "ShardedTensor", "check_file_name", "seal",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("NAME_TO_DTYPE", "DTYPE_TO_NAME"):
+        from . import dtypes
+
+        return getattr(dtypes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError
-from .dtypes import NAME_TO_DTYPE, itemsize
+from .dtypes import ITEMSIZES, itemsize
 
 __all__ = ["TensorSpan", "build_header", "parse_header", "MAX_HEADER_BYTES", "PREFIX_BYTES"]
 
@@ -92,7 +92,7 @@ def _parse_entry(name: str, entry: object, start: int, where: str) -> TensorSpan
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"{where}: header entry {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape)):
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")

@@ -27,7 +27,7 @@ from crc32c import crc32c
 
 from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
-from .dtypes import NAME_TO_DTYPE
+from .dtypes import ITEMSIZES
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "ShardEntry", "ShardedTensor", "Manifest",
            "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "check_file_name", "seal"]
@@ -267,7 +267,7 @@ def _tensor_entry(entry: Any, name: str, files: dict[str, FileEntry], where: str
     file, dtype, shape, offsets = entry.get("file"), entry.get("dtype"), entry.get("shape"), entry.get("offsets")
     if not isinstance(file, str) or file not in files:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} refers to unlisted file {file!r}")
-    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed shape or offsets")
@@ -297,7 +297,7 @@ def _sharded_entry(entry: Any, name: str, tensors: dict[str, TensorEntry], where
     if name in tensors:
         raise CorruptCheckpointError(f"{where}: {name!r} is both a tensor and a sharded tensor")
     dtype, shape = entry.get("dtype"), entry.get("shape")
-    if not isinstance(dtype, str) or dtype not in NAME_TO_DTYPE or not isinstance(shape, list):
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES or not isinstance(shape, list):
         raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} has a bad dtype or shape")
     dims = tuple(_count(d, f"shape of {name}", where) for d in shape)
     shards = tuple(_shard(s, name, dtype, dims, tensors, where) for s in entry["shards"])

@@ -7,6 +7,9 @@ JSON at all: they are handed to ``add_tensor`` and replaced by a reference to th
 
 Decoding only ever builds the plain types listed here; it never imports or calls anything named by
 the input, so a crafted manifest cannot execute code.
+
+NumPy and torch are imported where a value needs them: decoding a manifest of plain values (what
+``unbroken ls`` and ``show`` read) imports neither.
 """
 
 from __future__ import annotations
@@ -15,18 +18,21 @@ import argparse
 import base64
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Union
-
-import numpy as np
-import torch
+from functools import cache
+from typing import TYPE_CHECKING, Any, Union
 
 from ..errors import CorruptCheckpointError, UnserializableStateError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = ["Json", "encode", "decode", "MAX_DEPTH"]
 
 Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007 (a runtime alias: Union keeps the string forward references)
-AddTensor = Callable[[str, torch.Tensor], str]
+AddTensor = Callable[[str, "torch.Tensor"], str]
 GetTensor = Callable[[str], Any]  # a tensor, or a placeholder when only inspecting
 
 MAX_DEPTH = 64
@@ -34,11 +40,20 @@ _INT64 = 2**63
 _MAX_INT_HEX = 1 << 20  # a crafted "__int__" must not make decoding slow
 _TAG = re.compile(r"^__[a-z]+__$")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
 def encode(value: Any, where: str, add_tensor: AddTensor, depth: int = 0) -> Json:
     """Encode ``value`` found at ``where`` (a readable path such as ``optimizer/state/0``)."""
+    import numpy as np
+    import torch
+
     if depth > MAX_DEPTH:
         raise UnserializableStateError(f"{where}: nested deeper than {MAX_DEPTH} levels (a reference cycle?)")
     if value is None or isinstance(value, (bool, str)):
@@ -87,6 +102,8 @@ def _nonfinite_name(value: float) -> str:
 
 
 def _encode_ndarray(value: np.ndarray, where: str, add_tensor: AddTensor) -> Json:
+    import torch
+
     if value.dtype == object or value.dtype.kind not in "biuf":
         raise UnserializableStateError(
             f"state entry {where!r}: NumPy array of dtype {value.dtype} cannot be stored without pickle. "
@@ -158,7 +175,8 @@ def _decode_tag(tag: str, arg: Json, get_tensor: GetTensor, depth: int) -> Any:
         return get_tensor(_expect(arg, str, tag))
     if tag == "__ndarray__":
         tensor = get_tensor(_expect(arg, str, tag))
-        return tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor  # placeholders pass through
+        loaded = sys.modules.get("torch")  # a tensor comes from an imported torch; inspection passes placeholders
+        return tensor.numpy() if loaded is not None and isinstance(tensor, loaded.Tensor) else tensor
     if tag == "__int__":
         text = _expect(arg, str, tag)
         try:
@@ -186,10 +204,12 @@ def _decode_tag(tag: str, arg: Json, get_tensor: GetTensor, depth: int) -> Any:
         return _decode_npscalar(dtype, decode(inner, get_tensor, depth + 1))
     if tag == "__dtype__":
         name = _expect(arg, str, tag)
-        if name not in _DTYPES:
+        if name not in _torch_dtypes():
             raise CorruptCheckpointError(f"unknown torch dtype {name!r}")
-        return _DTYPES[name]
+        return _torch_dtypes()[name]
     if tag == "__size__":
+        import torch
+
         return torch.Size([_expect(v, int, tag) for v in _expect(arg, list, tag)])
     if tag == "__bytes__":
         return base64.b64decode(_expect(arg, str, tag), validate=True)
@@ -210,6 +230,8 @@ def _decode_items(items: list[Json], get_tensor: GetTensor, depth: int) -> dict[
 
 
 def _decode_npscalar(dtype: Any, value: Any) -> Any:
+    import numpy as np
+
     try:
         np_dtype = np.dtype(dtype)
     except TypeError as exc:

@@ -1,12 +1,32 @@
-"""Moving checkpoint bytes: streaming writes with checksums, staging for async saves, verified reads."""
+"""Moving checkpoint bytes: streaming writes with checksums, staging for async saves, verified reads.
+
+Reading manifests and verifying checksums (:mod:`.reader`) is torch-free; the writing side imports
+torch, so its names are imported on first use (PEP 562) and ``unbroken ls``/``verify`` skip it.
+"""
 
 from __future__ import annotations
 
-from .host_buffers import HostStager, StagedSave
-from .plan import FilePlan, live_runs
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .reader import mapped_tensors, read_manifest, read_manifest_bytes, read_tensors, verify_checkpoint
-from .writer import AsyncWriter, SyncWriter, Writer, write_checkpoint
+
+if TYPE_CHECKING:
+    from .host_buffers import BufferedSave, HostBuffers
+    from .plan import FilePlan, live_runs
+    from .writer import AsyncWriter, SyncWriter, Writer, write_checkpoint
 
 __all__ = ["mapped_tensors", "read_manifest", "read_manifest_bytes", "read_tensors", "verify_checkpoint",
-           "write_checkpoint", "Writer", "SyncWriter", "AsyncWriter", "FilePlan", "live_runs", "HostStager",
-           "StagedSave"]
+           "write_checkpoint", "Writer", "SyncWriter", "AsyncWriter", "FilePlan", "live_runs", "HostBuffers",
+           "BufferedSave"]
+
+# name -> the submodule that defines it
+_LAZY = {"HostBuffers": "host_buffers", "BufferedSave": "host_buffers", "FilePlan": "plan", "live_runs": "plan",
+         "write_checkpoint": "writer", "Writer": "writer", "SyncWriter": "writer", "AsyncWriter": "writer"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

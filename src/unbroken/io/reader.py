@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError
 from ..format import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
-    NAME_TO_DTYPE,
     PREFIX_BYTES,
     Manifest,
     TensorEntry,
@@ -24,13 +22,23 @@ from ..format import (
     header_length,
     parse_header,
 )
+from ..format.dtypes import torch_dtype
 from ..storage import ReadHandle, Storage
 from .checksum import crc32c
-from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
-from .tensor_bytes import byte_view
+
+if TYPE_CHECKING:
+    import torch
+
+# Reading manifests and verifying checksums needs no tensors: torch (and the modules that import it,
+# .plan and .tensor_bytes) is imported only by the functions that return tensors, so that
+# ``unbroken ls`` and ``unbroken verify`` start without it.
 
 __all__ = ["read_manifest", "read_manifest_bytes", "read_tensors", "mapped_tensors", "verify_checkpoint",
            "check_tensor_file", "check_crc"]
+
+# verify_checkpoint reads each file's data in windows of at most this many bytes (the whole of a large
+# tensor is never in memory at once); as large as one batch of FsspecStorage's parallel ranged GETs.
+_VERIFY_WINDOW = 128 << 20
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -61,6 +69,10 @@ def mapped_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[
     before the dict is handed out.  The views are only valid inside the ``with`` block: copy what
     must outlive it.  Storage that cannot map falls back to :func:`read_tensors`.
     """
+    import torch
+
+    from .tensor_bytes import byte_view
+
     maps: list[memoryview] = []
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -100,17 +112,42 @@ def _by_file(manifest: Manifest) -> dict[str, list[tuple[str, TensorEntry]]]:
 
 def _typed(piece: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     try:  # the writer's layout keeps each tensor aligned to its element size within a group
-        return piece.view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
+        return piece.view(torch_dtype(entry.dtype)).view(entry.shape)
     except RuntimeError:
-        return piece.clone().view(NAME_TO_DTYPE[entry.dtype]).view(entry.shape)
+        return piece.clone().view(torch_dtype(entry.dtype)).view(entry.shape)
 
 
 def verify_checkpoint(storage: Storage, name: str) -> Manifest:
-    """Check every byte of checkpoint ``name``; its manifest, or :class:`CorruptCheckpointError`."""
+    """Check every byte of checkpoint ``name``; its manifest, or :class:`CorruptCheckpointError`.
+
+    The same checks, in the same order, as reading every tensor, over plain bytes (no torch)."""
     manifest = read_manifest(storage, name)
-    for _ in _iter_tensors(storage, name, manifest):
-        pass
+    for file_name, entries in _by_file(manifest).items():
+        where = f"{storage.url}/{name}/{file_name}"
+        with storage.open(name, file_name) as handle:
+            _check_file(handle, manifest, file_name, entries, where)
+            _verify_data(handle, sorted(entries, key=lambda e: e[1].begin), where)
     return manifest
+
+
+def _verify_data(handle: ReadHandle, entries: list[tuple[str, TensorEntry]], where: str) -> None:
+    """Checksum each of ``entries`` (sorted by offset, matched to the file's spans) from windows of
+    the file read in order: one read covers many small tensors, a large tensor takes several."""
+    if not entries:
+        return
+    stop = max(entry.end for _, entry in entries)
+    buffer = memoryview(bytearray(min(_VERIFY_WINDOW, stop - entries[0][1].begin)))
+    window_at, window_len = 0, 0
+    for tensor_name, entry in entries:
+        found, at = 0, entry.begin
+        while at < entry.end:
+            if not window_at <= at < window_at + window_len:
+                window_at, window_len = at, min(len(buffer), stop - at)
+                handle.read_into(window_at, buffer[:window_len])
+            upto = min(entry.end, window_at + window_len)
+            found = crc32c(buffer[at - window_at:upto - window_at], found)
+            at = upto
+        _check_found(found, tensor_name, entry, where)
 
 
 def _iter_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
@@ -170,6 +207,8 @@ def _match_spans(spans: dict[str, TensorSpan], entries: list[tuple[str, TensorEn
 
 def _blocks(entries: list[tuple[str, TensorEntry]]) -> Iterator[list[tuple[str, TensorEntry]]]:
     """Runs of small tensors of one state entry, read with one system call each."""
+    from .plan import BATCH_BYTES, SMALL_TENSOR, group_of
+
     block: list[tuple[str, TensorEntry]] = []
     for tensor_name, entry in entries:
         small = entry.end - entry.begin <= SMALL_TENSOR
@@ -187,6 +226,10 @@ def _blocks(entries: list[tuple[str, TensorEntry]]) -> Iterator[list[tuple[str, 
 
 def _read_block(handle: ReadHandle, block: list[tuple[str, TensorEntry]], where: str
                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
+    from .tensor_bytes import byte_view
+
     start = block[0][1].begin
     raw = torch.empty(block[-1][1].end - start, dtype=torch.uint8)
     handle.read_into(start, byte_view(raw))
@@ -197,7 +240,10 @@ def _read_block(handle: ReadHandle, block: list[tuple[str, TensorEntry]], where:
 
 
 def _check_crc(view: memoryview, tensor_name: str, entry: TensorEntry, where: str) -> None:
-    found = crc32c(view)
+    _check_found(crc32c(view), tensor_name, entry, where)
+
+
+def _check_found(found: int, tensor_name: str, entry: TensorEntry, where: str) -> None:
     if found != entry.crc32c:
         raise CorruptCheckpointError(
             f"{where}: tensor {tensor_name!r} checksum mismatch (expected crc32c {entry.crc32c:08x}, "
@@ -205,7 +251,11 @@ def _check_crc(view: memoryview, tensor_name: str, entry: TensorEntry, where: st
 
 
 def _read_tensor(handle: ReadHandle, tensor_name: str, entry: TensorEntry, where: str) -> torch.Tensor:
-    tensor = torch.empty(entry.shape, dtype=NAME_TO_DTYPE[entry.dtype])
+    import torch
+
+    from .tensor_bytes import byte_view
+
+    tensor = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
     view = byte_view(tensor)
     handle.read_into(entry.begin, view)
     _check_crc(view, tensor_name, entry, where)

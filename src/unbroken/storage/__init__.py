@@ -1,11 +1,26 @@
-"""Where checkpoint bytes live: a small byte-level interface and its local POSIX implementation."""
+"""Where checkpoint bytes live: a small byte-level interface and its local POSIX implementation.
+
+:class:`FsspecStorage` (object storage) is imported on first use (PEP 562): local runs never load it.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .base import ReadHandle, Staging, Storage, WriteHandle, parse_step_name, step_name
 from .local import LocalStorage
 from .opening import is_url, open_storage
-from .remote import FsspecStorage
+
+if TYPE_CHECKING:
+    from .remote import FsspecStorage
 
 __all__ = ["Storage", "Staging", "ReadHandle", "WriteHandle", "LocalStorage", "step_name", "parse_step_name",
            "FsspecStorage", "open_storage", "is_url"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FsspecStorage":
+        from .remote import FsspecStorage
+
+        return FsspecStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
