@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from unbroken.storage import Storage
 __all__ = [
     "assert_exactly_equal", "exactly_equal", "snapshot", "make_mlp", "train", "make_optimizer",
     "make_scheduler", "make_scaler", "make_ema", "TensorBag", "OPTIMIZERS", "SCHEDULERS",
-    "make_state", "make_training_state", "SyncManager", "commit_files",
+    "make_state", "make_training_state", "SyncManager", "commit_files", "FakeClock", "wait_until",
 ]
 
 
@@ -311,3 +312,36 @@ def commit_files(storage: Storage, name: str, files: dict[str, bytes], manifest:
         handle.write(memoryview(data))
         handle.close()
     staging.commit(manifest)
+
+
+# --------------------------------------------------------------------------------------------------
+# time
+# --------------------------------------------------------------------------------------------------
+
+class FakeClock:
+    """A clock that moves only when told: ``clock()`` reads it, ``advance(s)`` and ``sleep(s)`` move
+    it (``sleep`` also counts the calls), so time-based decisions are tested without waiting."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "the condition") -> None:
+    """Poll ``predicate`` until it is true (a subprocess wrote a file, a line appeared); fail the test
+    after ``timeout`` seconds.  A deadline on an event, not a sleep that stands in for one."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import FakeClock, wait_until
 from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -41,14 +41,6 @@ def script(tmp_path: Path, body: str) -> Path:
 
 def attempts(tmp_path: Path) -> list[int]:
     return [int(v) for v in (tmp_path / "attempts").read_text().split()]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the condition never came true")
-        time.sleep(0.05)
 
 
 def train(tmp_path: Path, name: str, *extra: object) -> list[str]:
@@ -154,11 +146,11 @@ def test_a_stop_save_whose_exit_status_was_lost_is_still_not_restarted(tmp_path:
     run = tmp_path / "run"
     child = script(tmp_path, f"""
         import torch, unbroken
-        ckpt = unbroken.CheckpointManager({str(run)!r}, {{"w": torch.ones(2)}}, max_runtime=0.5,
+        # No time left from the start: the manager stops at the first step boundary, with a stop save.
+        ckpt = unbroken.CheckpointManager({str(run)!r}, {{"w": torch.ones(2)}}, max_runtime=0,
                                           deadline_margin=0.1, async_save=False)
         try:
             for step in range(1, 10_000):
-                time.sleep(0.02)
                 ckpt.step(step)
         except SystemExit as stop:
             assert stop.code == 75
@@ -237,7 +229,7 @@ def test_sigterm_is_forwarded_and_stops_supervision(tmp_path: Path) -> None:
         time.sleep(60)
     """)
     sup = start_supervisor(*FAST, "--", sys.executable, child)
-    wait_for((tmp_path / "ready").exists)
+    wait_until((tmp_path / "ready").exists)
     sup.send_signal(signal.SIGTERM)
     _, err = sup.communicate(timeout=60)
     assert sup.returncode == 42, err
@@ -254,7 +246,7 @@ def test_other_stop_signals_reach_an_untrapping_child(tmp_path: Path, sig: signa
         time.sleep(60)
     """)
     sup = start_supervisor(*FAST, "--", sys.executable, child)
-    wait_for((tmp_path / "ready").exists)
+    wait_until((tmp_path / "ready").exists)
     sup.send_signal(sig)
     _, err = sup.communicate(timeout=60)
     assert sup.returncode == 128 + sig, err
@@ -271,9 +263,9 @@ def test_sigusr1_is_forwarded_without_stopping_supervision(tmp_path: Path) -> No
         time.sleep(60)
     """)
     sup = start_supervisor(*FAST, "--", sys.executable, child)
-    wait_for((tmp_path / "ready_0").exists)
+    wait_until((tmp_path / "ready_0").exists)
     sup.send_signal(signal.SIGUSR1)  # the child exits 3: a crash, restarted
-    wait_for((tmp_path / "ready_1").exists)
+    wait_until((tmp_path / "ready_1").exists)
     sup.send_signal(signal.SIGUSR1)  # the child exits 0: done
     _, err = sup.communicate(timeout=60)
     assert sup.returncode == 0, err
@@ -284,11 +276,16 @@ def test_sigusr1_is_forwarded_without_stopping_supervision(tmp_path: Path) -> No
 def test_sigterm_during_the_backoff_stops_without_restart(tmp_path: Path) -> None:
     child = script(tmp_path, "sys.exit(1)\n")
     sup = start_supervisor("--backoff", "30", "--", sys.executable, child)
-    wait_for((tmp_path / "attempts").exists)
-    time.sleep(0.5)  # the child has exited and the supervisor is waiting 30 s
+    assert sup.stderr is not None
+    said = ""
+    while "restarting in" not in said:  # the child has exited and the supervisor is waiting 30 s
+        line = sup.stderr.readline()
+        assert line, f"the supervisor exited before its backoff: {said}"
+        said += line
     started = time.monotonic()
     sup.send_signal(signal.SIGTERM)
     _, err = sup.communicate(timeout=20)
+    err = said + err
     assert sup.returncode == 128 + signal.SIGTERM, err
     assert time.monotonic() - started < 10
     assert attempts(tmp_path) == [0]
@@ -306,10 +303,10 @@ def test_child_gets_sigterm_when_the_supervisor_is_killed(tmp_path: Path) -> Non
         time.sleep(60)
     """)
     sup = start_supervisor(*FAST, "--", sys.executable, child)
-    wait_for((tmp_path / "ready").exists)
+    wait_until((tmp_path / "ready").exists)
     sup.kill()
     sup.communicate(timeout=20)
-    wait_for((tmp_path / "got_term").exists, timeout=20)
+    wait_until((tmp_path / "got_term").exists, timeout=20)
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -379,7 +376,7 @@ def test_sigterm_reaches_torchrun_workers(tmp_path: Path) -> None:
     """torchrun relays SIGTERM to its workers; it then exits 1 whatever they did, and is not restarted."""
     sup = start_supervisor(*FAST, "--", *torchrun(tmp_path, "wait-for-term"))
     try:
-        wait_for(lambda: (tmp_path / "ready_0").exists() and (tmp_path / "ready_1").exists(), timeout=180)
+        wait_until(lambda: (tmp_path / "ready_0").exists() and (tmp_path / "ready_1").exists(), timeout=180)
         sup.send_signal(signal.SIGTERM)
         _, err = sup.communicate(timeout=90)
     finally:
@@ -390,3 +387,18 @@ def test_sigterm_reaches_torchrun_workers(tmp_path: Path) -> None:
     assert sup.returncode == 1, err[-4000:]
     assert "stopped by SIGTERM; the child exited with status 1; not restarting" in err
     assert len(restart_lines(err)) == 0
+
+
+def test_the_restart_backoff_doubles_up_to_its_cap_without_waiting(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    child = script(tmp_path, "sys.exit(3)\n")
+    clock = FakeClock()
+    config = SupervisorConfig(max_restarts=3, backoff=30, max_backoff=100)
+    start = clock()
+    assert supervise([sys.executable, str(child)], config, clock=clock, sleep=clock.sleep) == 3
+    assert attempts(tmp_path) == [0, 1, 2, 3]
+    assert clock() - start == pytest.approx(60 + 100 + 100)  # 30 * 2**1, then capped at 100
+    assert max(clock.sleeps) <= 0.05  # short naps: a stop signal is noticed at once
+    err = capsys.readouterr().err
+    said = [float(line.split("restarting in ")[1].split()[0]) for line in err.splitlines() if "restarting in" in line]
+    assert said == [60, 100, 100]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from functools import partial
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch import nn
 
 import unbroken
 from tests import helpers
-from tests.helpers import SyncManager
+from tests.helpers import FakeClock, SyncManager
 from tests.mounts import bind_mount, remount, tmpfs
 from unbroken import (
     CheckpointExistsError,
@@ -23,6 +22,8 @@ from unbroken import (
     StorageError,
     UnserializableStateError,
 )
+from unbroken.manager import options
+from unbroken.manager.schedule import SaveSchedule
 
 make_state = partial(helpers.make_state, step_lr=True, epoch=0,
                      optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
@@ -64,10 +65,13 @@ def test_every_steps_schedule(tmp_path: Path) -> None:
     assert steps_on_disk(tmp_path) == [3, 6, 9]
 
 
-def test_every_minutes_schedule(tmp_path: Path) -> None:
+def test_every_minutes_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(options, "SaveSchedule", partial(SaveSchedule, clock=clock))
     ckpt = SyncManager(tmp_path, make_state(), every_minutes=0.002, save_on_close=False)  # 120 ms
+    clock.advance(0.119)
     assert ckpt.step(1) is False
-    time.sleep(0.2)
+    clock.advance(0.001)
     assert ckpt.step(2) is True
     assert ckpt.step(3) is False
     assert steps_on_disk(tmp_path) == [2]

@@ -13,11 +13,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import unbroken
+from tests.helpers import FakeClock
+from unbroken.manager import checkpoint_manager
+from unbroken.manager.preemption import StopWatch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "preempt_train.py"
 GRACE = 20.0  # seconds a scheduler would give; the tests need far less
@@ -181,15 +185,40 @@ def test_close_gives_the_handlers_back(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_an_in_process_deadline_stops_with_a_committed_checkpoint(tmp_path: Path) -> None:
+def test_an_in_process_deadline_stops_with_a_committed_checkpoint(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock(start=time.time())
+    monkeypatch.setattr(checkpoint_manager, "StopWatch", partial(StopWatch, clock=clock, timer=clock))
     run = tmp_path / "run"
-    ckpt = unbroken.CheckpointManager(run, tiny_state(), on_stop="raise", deadline=time.time() + 1.0,
+    ckpt = unbroken.CheckpointManager(run, tiny_state(), on_stop="raise", deadline=clock() + 1.0,
                                       deadline_margin=0.2, async_save=False)
     with pytest.raises(unbroken.Preempted, match="deadline") as info:
         for step in range(1, 10_000):
-            time.sleep(0.02)
+            clock.advance(0.02)
             ckpt.step(step)
     assert unbroken.list_checkpoints(run)[-1].step == info.value.step
+    assert clock() < ckpt.config.deadline  # it stopped before the deadline, not after
+
+
+def test_the_stopwatch_stops_when_a_step_and_a_save_no_longer_fit_before_the_deadline() -> None:
+    clock = FakeClock()
+    watch = StopWatch([], deadline=clock() + 100, margin=5, clock=clock, timer=clock)
+    watch.step_done()
+    for _ in range(3):
+        clock.advance(10)  # steps of 10 s
+        watch.step_done()
+    watch.save_took(20)
+    assert watch.reason() is None  # 70 s left, 10 + 20 + 5 needed
+    clock.advance(30)
+    assert watch.reason() is None  # 40 s left
+    clock.advance(6)
+    assert watch.reason() == "deadline in 34 s, and a step plus a save take up to 35 s"
+
+
+def test_a_deadline_already_passed_stops_at_once() -> None:
+    clock = FakeClock()
+    watch = StopWatch([], deadline=clock() - 1, margin=0, clock=clock, timer=clock)
+    assert watch.reason() == "deadline in 0 s, and a step plus a save take up to 0 s"
 
 
 @pytest.mark.parametrize("kwargs, message", [

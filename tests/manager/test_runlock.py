@@ -10,21 +10,28 @@ import sys
 import textwrap
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import FakeClock
 from unbroken import CheckpointManager, RunLockedError
+from unbroken.manager import checkpoint_manager
+from unbroken.manager.runlock import RunLock
 
+# Holds the run until the file ``release`` appears or ``hold`` seconds pass, whichever is first.
 HOLDER = textwrap.dedent("""
-    import sys, time, torch, unbroken
-    run, hold = sys.argv[1], float(sys.argv[2])
+    import os, sys, time, torch, unbroken
+    run, hold, release = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     state = {"w": torch.ones(4)}
     ckpt = unbroken.CheckpointManager(run, state, every_steps=1, async_save=False)
     ckpt.step(1)
     print("holding", flush=True)
-    time.sleep(hold)
+    deadline = time.monotonic() + hold
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
     ckpt.close()
 """)
 
@@ -32,8 +39,8 @@ HOLDER = textwrap.dedent("""
 def hold_lock(tmp_path: Path, run: Path, seconds: float) -> subprocess.Popen[str]:
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
-    proc = subprocess.Popen([sys.executable, str(script), str(run), str(seconds)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(seconds), str(tmp_path / "release")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.strip() == "holding", proc.stderr.read() if proc.stderr else line
@@ -64,22 +71,35 @@ def test_a_killed_holder_frees_the_run_at_once(tmp_path: Path) -> None:
     ckpt.close()
 
 
-def test_lock_timeout_waits_for_a_predecessor_that_is_still_exiting(tmp_path: Path) -> None:
+def test_lock_timeout_waits_for_a_predecessor_that_is_still_exiting(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
-    proc = hold_lock(tmp_path, run, 1.0)
-    start = time.monotonic()
+    proc = hold_lock(tmp_path, run, 60)
+    polls: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        # The new manager found the run held and waits: only now does the predecessor begin to exit.
+        polls.append(seconds)
+        (tmp_path / "release").touch()
+        time.sleep(seconds)
+
+    monkeypatch.setattr(checkpoint_manager, "RunLock", partial(RunLock, sleep=sleep))
     ckpt = CheckpointManager(run, {"w": torch.zeros(4)}, lock_timeout=60)
-    assert time.monotonic() - start < 30
+    assert polls  # it really waited for the holder
     assert proc.wait(timeout=30) == 0
     ckpt.close()
 
 
-def test_lock_timeout_expires_with_the_wait_in_the_message(tmp_path: Path) -> None:
+def test_lock_timeout_expires_with_the_wait_in_the_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     proc = hold_lock(tmp_path, run, 60)
+    clock = FakeClock()
+    monkeypatch.setattr(checkpoint_manager, "RunLock", partial(RunLock, clock=clock, sleep=clock.sleep))
+    start = clock()
     try:
         with pytest.raises(RunLockedError, match=r"after waiting 0\.3 s"):
             CheckpointManager(run, {"w": torch.zeros(4)}, lock_timeout=0.3)
+        assert clock() - start == pytest.approx(0.3, abs=0.05)  # polled until the timeout, no longer
     finally:
         proc.kill()
         proc.wait(timeout=30)

@@ -111,12 +111,14 @@ def _check_seconds(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number of seconds, 0 or more, got {value}")
 
 
-def supervise(command: Sequence[str], config: SupervisorConfig) -> int:
+def supervise(command: Sequence[str], config: SupervisorConfig, *, clock: Callable[[], float] = time.monotonic,
+              sleep: Callable[[float], None] = time.sleep) -> int:
     """Run ``command`` until it succeeds, is pre-empted, is stopped by a signal or stops progressing.
 
     Returns the exit status to exit with: the child's last one (``128 + signum`` for a death by
     signal), ``127``/``126`` when the command cannot be started, or ``128 + signum`` when a stop
     signal arrives while no child runs.  Must run in the main thread (it installs signal handlers).
+    ``clock`` (monotonic seconds) and ``sleep`` time the waits before restarts (tests pass fake ones).
     """
     command = list(command)
     if not command:
@@ -126,7 +128,7 @@ def supervise(command: Sequence[str], config: SupervisorConfig) -> int:
     relay = _Relay()
     with _handlers_installed(relay):
         try:
-            return _Supervisor(command, config, relay).run()
+            return _Supervisor(command, config, relay, clock, sleep).run()
         except _StartFailed as exc:
             return exc.status
 
@@ -210,8 +212,10 @@ def _child_setup(mask: set[int], parent: int, prctl: Callable[..., int] | None) 
 
 
 class _Supervisor:
-    def __init__(self, command: list[str], config: SupervisorConfig, relay: _Relay) -> None:
+    def __init__(self, command: list[str], config: SupervisorConfig, relay: _Relay,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.command = command
+        self.clock, self.sleep = clock, sleep
         self.config = config
         self.relay = relay
         self.prctl = _load_prctl()
@@ -305,12 +309,12 @@ class _Supervisor:
 
     def _sleep(self, seconds: float) -> int | None:
         """Sleep unless a stop signal arrives; that signal, or None."""
-        deadline = time.monotonic() + seconds
+        deadline = self.clock() + seconds
         while self.relay.stop_signal is None:
-            left = deadline - time.monotonic()
+            left = deadline - self.clock()
             if left <= 0:
                 return None
-            time.sleep(min(_POLL_S, left))
+            self.sleep(min(_POLL_S, left))
         return self.relay.stop_signal
 
     def _at_step(self) -> str:

@@ -120,8 +120,12 @@ def slurm_end_time(environ: dict[str, str] | None = None) -> float | None:
 class StopWatch:
     """Collects stop requests (signals, a deadline) and says at a step boundary whether to stop."""
 
-    def __init__(self, signals: Sequence[signal.Signals], deadline: float | None, margin: float) -> None:
+    def __init__(self, signals: Sequence[signal.Signals], deadline: float | None, margin: float,
+                 clock: Callable[[], float] = time.time, timer: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: UNIX time, the scale of ``deadline``; ``timer``: monotonic seconds that time the
+        steps.  Tests pass fake ones to step through a deadline without waiting for it."""
         self.signals, self.deadline, self.margin = tuple(signals), deadline, margin
+        self._clock, self._timer = clock, timer
         self.requested: signal.Signals | None = None
         self._active = True
         self._previous: dict[signal.Signals, _Handler] = {}
@@ -174,7 +178,7 @@ class StopWatch:
             os.kill(os.getpid(), int(sig))
 
     def step_done(self) -> None:
-        now = time.monotonic()
+        now = self._timer()
         if self._last_step is not None:
             self._steps.append(now - self._last_step)
         self._last_step = now
@@ -188,7 +192,7 @@ class StopWatch:
             return f"received {self.requested.name}"
         if self.deadline is None:
             return None
-        remaining = self.deadline - time.time()
+        remaining = self.deadline - self._clock()
         needed = max(self._steps, default=0.0) + max(self._saves, default=0.0) + self.margin
         if remaining < needed:
             return f"deadline in {max(remaining, 0):.0f} s, and a step plus a save take up to {needed:.0f} s"

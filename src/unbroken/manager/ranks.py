@@ -63,7 +63,7 @@ class _AgreedSchedule(SaveSchedule):
     """A save is due on every rank when it is due on some rank (one small all-reduce per step)."""
 
     def __init__(self, world: World, inner: SaveSchedule) -> None:
-        super().__init__(inner.every_steps, inner.every_minutes)
+        super().__init__(inner.every_steps, inner.every_minutes, inner.clock)
         self._world = world
 
     def due(self, step: int) -> bool:

@@ -41,25 +41,28 @@ _HELD_GUARD = threading.Lock()
 class RunLock:
     """Held from :meth:`acquire` until :meth:`release` (or the process ends)."""
 
-    def __init__(self, directory: str, on_takeover: Callable[[], object] | None = None) -> None:
+    def __init__(self, directory: str, on_takeover: Callable[[], object] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         """``on_takeover`` is called when a later lock in this process takes the run over; it must
-        stop writing (finish the save in flight) before returning."""
+        stop writing (finish the save in flight) before returning.  ``clock`` and ``sleep`` time the
+        wait for a live holder (tests pass fake ones)."""
         self.path = os.path.join(os.path.realpath(directory), LOCK_NAME)
         # Weak: the registry of held locks must not keep an abandoned manager alive.
         self._on_takeover = weakref.WeakMethod(on_takeover) if on_takeover is not None else None
         self._fd: int | None = None
+        self._clock, self._sleep = clock, sleep
 
     def acquire(self, timeout: float = 0.0, take_over: bool = True) -> None:
         """Take the lock, waiting up to ``timeout`` seconds for a live holder to exit.  A holder in this
         process is taken over (``take_over``) or makes it fail like one in another process."""
         self._take_over_in_process(take_over)
         fd = self._open()
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         try:
             while not _try_lock(fd):
-                if time.monotonic() >= deadline:
+                if self._clock() >= deadline:
                     raise RunLockedError(self._busy_message(fd, timeout))
-                time.sleep(_POLL_SECONDS)
+                self._sleep(_POLL_SECONDS)
             _write_owner(fd)
         except BaseException:
             os.close(fd)
