@@ -29,6 +29,7 @@ def run(tmp_path: Path) -> Path:
                                       every_steps=10, save_on_close=False)
     for step in range(1, 31):
         ckpt.step(step, metrics={"loss": 1.0 / step})
+    ckpt.close()  # step 30's background save is committed before any command looks (it raced under load)
     return tmp_path / "run"
 
 
