@@ -33,7 +33,7 @@ def record_of(storage: Storage, name: str, manifest: Manifest) -> CheckpointReco
 
 
 def decode_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    def no_tensor(name: str) -> Any:
+    def no_tensor(_name: str) -> Any:
         raise CorruptCheckpointError("metrics must not refer to tensors")
 
     return {k: decode(v, no_tensor) for k, v in metrics.items()}

@@ -49,7 +49,7 @@ def _encode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _no_tensors(where: str, tensor: torch.Tensor) -> str:
+def _no_tensors(where: str, _tensor: torch.Tensor) -> str:
     raise TypeError(f"{where}: metrics and metadata must not hold tensors; use .item() or .tolist()")
 
 

@@ -151,7 +151,7 @@ class _Relay:
         self.child_pid: int | None = None
         self.stop_signal: int | None = None
 
-    def handle(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
         if signum in _STOP_SIGNALS:
             self.stop_signal = signum
         pid = self.child_pid

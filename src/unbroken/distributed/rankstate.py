@@ -118,7 +118,7 @@ def _no_tensor(name: str) -> Any:
     raise CorruptCheckpointError(f"refers to tensor {name!r}")
 
 
-def _no_tensor_out(where: str, tensor: torch.Tensor) -> str:
+def _no_tensor_out(where: str, _tensor: torch.Tensor) -> str:
     raise StateMismatchError(f"{where}: reshard_state_dict() must return a state without tensors")
 
 

@@ -140,7 +140,7 @@ def _key_text(key: Any) -> str:
     return str(key)
 
 
-def _no_tensor_keys(where: str, tensor: torch.Tensor) -> str:
+def _no_tensor_keys(where: str, _tensor: torch.Tensor) -> str:
     raise UnserializableStateError(f"{where}: tensors cannot be dict keys. Fix: use an int or str key.")
 
 

@@ -111,7 +111,7 @@ def _by_policies(name: str, value: Any) -> None:
     """Retention options are checked together, by ``retention.policies_from`` (which prune uses too)."""
 
 
-def _signals(name: str, value: Any) -> None:
+def _signals(_name: str, value: Any) -> None:
     parse_signals(value)  # its ValueError names the bad entry and the accepted forms
 
 

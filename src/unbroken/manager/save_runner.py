@@ -66,7 +66,8 @@ class SaveRunner:
         """The tensors this process writes (a rank of a distributed save writes only its part)."""
         return whole_tensors(snap.tensors)
 
-    def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
+    def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run],  # noqa: ARG002 (step: for subclasses)
+               manifest: Manifest) -> Manifest:
         """Write and commit checkpoint ``name``; its committed manifest."""
         return write_checkpoint(self.storage, name, plan, runs, manifest)
 
