@@ -21,7 +21,7 @@ import pytest
 import unbroken
 from tests.helpers import FakeClock
 from unbroken.manager import checkpoint_manager
-from unbroken.manager.preemption import StopWatch
+from unbroken.manager.preemption import Stops, StopWatch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "preempt_train.py"
 GRACE = 20.0  # seconds a scheduler would give; the tests need far less
@@ -188,7 +188,7 @@ def test_close_gives_the_handlers_back(tmp_path: Path) -> None:
 def test_an_in_process_deadline_stops_with_a_committed_checkpoint(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock(start=time.time())
-    monkeypatch.setattr(checkpoint_manager, "StopWatch", partial(StopWatch, clock=clock, timer=clock))
+    monkeypatch.setattr(checkpoint_manager, "Stops", partial(Stops, clock=clock, timer=clock))
     run = tmp_path / "run"
     ckpt = unbroken.CheckpointManager(run, tiny_state(), on_stop="raise", deadline=clock() + 1.0,
                                       deadline_margin=0.2, async_save=False)

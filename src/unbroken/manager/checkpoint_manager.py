@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Callable, MutableMapping
@@ -27,15 +26,7 @@ from ..storage import LocalStorage, Storage, is_url, open_storage, step_name
 from ..storage.paths import is_checkpoint_dir, split_checkpoint_path
 from .mirror import Mirror
 from .options import ManagerOptions, takes_options
-from .preemption import (
-    EXIT_PREEMPTED,
-    Preempted,
-    StopAgreement,
-    StopWatch,
-    absolute_deadline,
-    parse_signals,
-    write_stop_marker,
-)
+from .preemption import EXIT_PREEMPTED, Preempted, Stops, absolute_deadline, parse_signals, write_stop_marker
 from .ranks import DistributedRun, attach
 from .retention import expired
 from .runlock import RunLock
@@ -104,12 +95,9 @@ class CheckpointManager:
             self._lock.acquire(self.config.lock_timeout)
             weakref.finalize(self, self._lock.release)  # a manager dropped without close() frees the run
         cfg = self.config
-        self._stopwatch = StopWatch(parse_signals(cfg.stop_signals), margin=cfg.deadline_margin,
-                                    deadline=absolute_deadline(cfg.max_runtime, cfg.deadline, cfg.deadline_from_slurm))
-        self._agreement = StopAgreement()
-        self._save_started = 0.0
-        self._stopwatch.install()
-        weakref.finalize(self, self._stopwatch.uninstall)
+        self._stops = Stops(parse_signals(cfg.stop_signals), margin=cfg.deadline_margin,
+                            deadline=absolute_deadline(cfg.max_runtime, cfg.deadline, cfg.deadline_from_slurm))
+        weakref.finalize(self, self._stops.uninstall)
         # Under torch.distributed the coordinator alone uploads: the checkpoint is one, in a shared directory.
         if self.config.mirror_to is not None and (self._dist is None or self._dist.is_coordinator):
             remote = open_storage(self.config.mirror_to, mirror_options, create=True)
@@ -172,8 +160,8 @@ class CheckpointManager:
                              "completed steps, which only grows")
         self._last_step = step
         self._last_metrics = dict(metrics or {})
-        self._stopwatch.step_done()
-        reason = self._stop_reason()
+        self._stops.step_done()
+        reason = self._stops.reason()
         if reason is not None:
             self._stop(step, reason)
         if step in self._saved_steps or not self._schedule.due(step):
@@ -209,14 +197,6 @@ class CheckpointManager:
         committed = self._last_committed
         return record_of(self.storage, step_name(step), committed) if committed and committed.step == step else None
 
-    def _stop_reason(self) -> str | None:
-        local = self._stopwatch.reason()
-        if not self._agreement.active:
-            return local
-        if self._agreement.poll(local is not None):  # the same answer on every rank, at the same step
-            return local or "another rank is stopping"
-        return None
-
     def _stop(self, step: int, reason: str) -> None:
         """Save ``step`` (unless saved), wait for the commit, close, and leave the training loop."""
         log.warning("stopping at step %d (%s): saving a checkpoint first", step, reason)
@@ -236,7 +216,7 @@ class CheckpointManager:
     def _start_save(self, step: int, metrics: dict[str, Any]) -> bool:
         """Snapshot and start writing; False if skipped (``when_busy="skip"``).  A synchronous save
         is complete, and its error raised, when this returns."""
-        self._save_started = time.monotonic()
+        self._stops.save_started()
         with paused_gc():
             snap = capture(self.state, rng=self.config.capture_rng)
             manifest = build_manifest(snap, step, metrics, self.config.metadata)
@@ -272,7 +252,7 @@ class CheckpointManager:
 
     def _after_commit(self, manifest: Manifest) -> None:
         self._last_committed = manifest
-        self._stopwatch.save_took(time.monotonic() - self._save_started)
+        self._stops.save_committed()
         log.info("saved checkpoint step %d (%d bytes) to %s", manifest.step, manifest.total_bytes,
                  self.storage.url)
         self._apply_retention()
@@ -326,15 +306,14 @@ class CheckpointManager:
             if self._mirror.last_error is not None:
                 log.warning("mirror: the last upload to %s failed (%s); the local checkpoints are complete",
                             self._mirror.remote.url, self._mirror.last_error)
-        self._stopwatch.uninstall()
-        self._agreement.drain()
+        self._stops.release()
         if self._lock is not None:
             self._lock.release()
 
     def _taken_over(self) -> None:
         """A newer manager in this process opened our run directory: stop writing, keep nothing open."""
         self._closed, self._closed_reason = True, ": a newer CheckpointManager took over its run directory"
-        self._stopwatch.uninstall()
+        self._stops.uninstall()
         try:
             self._saver.close()  # the save in flight completes a finished step: let it commit
         except (OSError, UnbrokenError) as error:  # that save's error belongs to the replaced manager's user

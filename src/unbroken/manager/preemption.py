@@ -28,8 +28,8 @@ from typing import Any, Union
 
 from ..errors import UnbrokenError
 
-__all__ = ["EXIT_PREEMPTED", "STOP_MARKER", "Preempted", "StopWatch", "parse_signals", "slurm_end_time",
-           "write_stop_marker", "read_stop_marker"]
+__all__ = ["EXIT_PREEMPTED", "STOP_MARKER", "Preempted", "Stops", "StopWatch", "StopAgreement", "parse_signals",
+           "slurm_end_time", "absolute_deadline", "write_stop_marker", "read_stop_marker"]
 
 log = logging.getLogger("unbroken")
 
@@ -265,3 +265,48 @@ class StopAgreement:
             work, _ = self._pending
             self._pending = None
             work.wait()
+
+
+class Stops:
+    """One manager's stop decision: this process's reasons (a stop signal, a deadline that the next
+    step and save would miss), agreed by every rank under torch.distributed so all stop at one step.
+
+    The signal handlers are installed on creation; :meth:`release` gives them back (and completes the
+    agreement's collective in flight, which every rank must do).
+    """
+
+    def __init__(self, signals: Sequence[signal.Signals], deadline: float | None, margin: float,
+                 clock: Callable[[], float] = time.time, timer: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` and ``timer`` as for :class:`StopWatch`; ``timer`` also times the saves."""
+        self._watch = StopWatch(signals, deadline=deadline, margin=margin, clock=clock, timer=timer)
+        self._agreement = StopAgreement()
+        self._timer = timer
+        self._save_started = 0.0
+        self._watch.install()
+
+    def step_done(self) -> None:
+        self._watch.step_done()
+
+    def save_started(self) -> None:
+        self._save_started = self._timer()
+
+    def save_committed(self) -> None:
+        """The save begun at the last :meth:`save_started` is durable: its time joins the margin."""
+        self._watch.save_took(self._timer() - self._save_started)
+
+    def reason(self) -> str | None:
+        """Why to stop at this step, or None; under torch.distributed the same answer on every rank."""
+        local = self._watch.reason()
+        if not self._agreement.active:
+            return local
+        if self._agreement.poll(local is not None):
+            return local or "another rank is stopping"
+        return None
+
+    def uninstall(self) -> None:
+        """Give the signal handlers back (a manager replaced in this process stops listening)."""
+        self._watch.uninstall()
+
+    def release(self) -> None:
+        self._watch.uninstall()
+        self._agreement.drain()
