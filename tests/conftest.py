@@ -31,10 +31,12 @@ def _keep_signal_handlers_and_failpoints() -> Iterator[None]:
     """Each test starts with the handlers the worker started with and with no fault armed in-process,
     whatever an earlier test in the same xdist worker installed, armed or failed to close."""
     handlers = {sig: signal.getsignal(sig) for sig in _GUARDED_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a blocked signal is inherited by every child
     yield
     failpoints.arm(None)
     for sig, handler in handlers.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @pytest.fixture(autouse=True)

@@ -238,6 +238,32 @@ def test_sigterm_is_forwarded_and_stops_supervision(tmp_path: Path) -> None:
     assert "stopped by SIGTERM; the child exited with status 42; not restarting" in err
 
 
+def test_stop_signals_blocked_by_the_parent_are_still_handled_and_forwarded(tmp_path: Path) -> None:
+    # A blocked mask is inherited across exec: without unblocking, SIGTERM would stay pending in the
+    # supervisor (and the child, which gets the supervisor's mask) until the child ended on its own.
+    child = script(tmp_path, """
+        def on_term(signum, frame):
+            (OUT / "got_term").write_text(str(signum))
+            sys.exit(42)
+        signal.signal(signal.SIGTERM, on_term)
+        (OUT / "ready").touch()
+        time.sleep(60)
+    """)
+
+    def blocked_parent() -> None:
+        _default_stop_signals()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+    sup = subprocess.Popen(supervisor_command(*FAST, "--", sys.executable, child), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=blocked_parent)  # noqa: PLW1509
+    wait_until((tmp_path / "ready").exists)
+    sup.send_signal(signal.SIGTERM)
+    _, err = sup.communicate(timeout=60)
+    assert sup.returncode == 42, err
+    assert (tmp_path / "got_term").read_text() == str(int(signal.SIGTERM))
+    assert "stopped by SIGTERM; the child exited with status 42; not restarting" in err
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
 def test_other_stop_signals_reach_an_untrapping_child(tmp_path: Path, sig: signal.Signals) -> None:
     child = script(tmp_path, """

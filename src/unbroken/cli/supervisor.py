@@ -126,7 +126,7 @@ def supervise(command: Sequence[str], config: SupervisorConfig, *, clock: Callab
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("supervise() must run in the main thread: it handles signals")
     relay = _Relay()
-    with _handlers_installed(relay):
+    with _handled_signals_unblocked(), _handlers_installed(relay):
         try:
             return _Supervisor(command, config, relay, clock, sleep).run()
         except _StartFailed as exc:
@@ -176,6 +176,18 @@ def _handlers_installed(relay: _Relay) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def _handled_signals_unblocked() -> Iterator[None]:
+    """Receive our signals even if the parent blocked them: a blocked mask is inherited across exec,
+    and with it a stop signal would stay pending until the child ends (and the child, given our mask,
+    would never see it either).  An ignored signal (nohup) is a choice and stays ignored."""
+    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextmanager
