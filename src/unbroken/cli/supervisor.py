@@ -276,7 +276,11 @@ class _Supervisor:
             raise _StartFailed(127 if isinstance(exc, FileNotFoundError) else 126) from exc
         finally:
             os.close(write_fd)
-        tail = StderrTail(read_fd, self.config.tail_lines)
+        # The pump thread starts with our signals blocked (a thread inherits the mask), so the kernel
+        # delivers them to the main thread: one delivered to the pump would leave the main thread's
+        # waitid uninterrupted, and the handler (the forwarding) would wait until the child exits.
+        with _handled_signals_blocked():
+            tail = StderrTail(read_fd, self.config.tail_lines)
         returncode = self._wait(proc)
         tail.join(_PUMP_GRACE_S)
         self.tail = tail.lines()
