@@ -5,21 +5,22 @@ Torch-free: the torch dtype tables (``NAME_TO_DTYPE``, ``DTYPE_TO_NAME``) import
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._internal.lazy import lazy_attributes
 from .dtypes import ITEMSIZES, dtype_name
 from .header import MAX_HEADER_BYTES, PREFIX_BYTES, TensorSpan, build_header, header_length, parse_header
 from .manifest import (
-                       FORMAT_VERSION,
-                       MANIFEST_NAME,
-                       MAX_MANIFEST_BYTES,
-                       FileEntry,
-                       Manifest,
-                       ShardedTensor,
-                       ShardEntry,
-                       TensorEntry,
-                       check_file_name,
-                       seal,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    ShardedTensor,
+    ShardEntry,
+    TensorEntry,
+    check_file_name,
+    seal,
 )
 
 if TYPE_CHECKING:
@@ -31,10 +32,5 @@ __all__ = [
     "FileEntry", "Manifest", "TensorEntry", "ShardEntry", "ShardedTensor", "check_file_name", "seal",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in ("NAME_TO_DTYPE", "DTYPE_TO_NAME"):
-        from . import dtypes
-
-        return getattr(dtypes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Built from torch by format.dtypes on first access.
+__getattr__ = lazy_attributes(__name__, {"NAME_TO_DTYPE": "dtypes", "DTYPE_TO_NAME": "dtypes"})

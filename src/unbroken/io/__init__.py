@@ -6,9 +6,9 @@ torch, so its names are imported on first use (PEP 562) and ``unbroken ls``/``ve
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._internal.lazy import lazy_attributes
 from .reader import mapped_tensors, read_manifest, read_manifest_bytes, read_tensors, verify_checkpoint
 
 if TYPE_CHECKING:
@@ -24,9 +24,4 @@ __all__ = ["mapped_tensors", "read_manifest", "read_manifest_bytes", "read_tenso
 _LAZY = {"HostBuffers": "host_buffers", "BufferedSave": "host_buffers", "FilePlan": "plan", "live_runs": "plan",
          "write_checkpoint": "writer", "Writer": "writer", "SyncWriter": "writer", "AsyncWriter": "writer"}
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

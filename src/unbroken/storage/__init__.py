@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._internal.lazy import lazy_attributes
 from .base import ReadHandle, Staging, Storage, WriteHandle, parse_step_name, step_name
 from .local import LocalStorage
 from .opening import is_url, open_storage
@@ -17,10 +18,4 @@ if TYPE_CHECKING:
 __all__ = ["Storage", "Staging", "ReadHandle", "WriteHandle", "LocalStorage", "step_name", "parse_step_name",
            "FsspecStorage", "open_storage", "is_url"]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "FsspecStorage":
-        from .remote import FsspecStorage
-
-        return FsspecStorage
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, {"FsspecStorage": "remote"})
