@@ -270,9 +270,10 @@ def describe_options() -> list[OptionInfo]:
 def options_doc() -> str:
     """The options part of ``help(CheckpointManager)``: each option, grouped, with default and meaning."""
     lines = ["Options (keyword-only; ``ckpt.config.<name>`` reads them back):"]
+    infos = describe_options()
     for key, heading in GROUPS.items():
         lines += ["", f"{heading}:"]
-        for info in describe_options():
+        for info in infos:
             if info.group == key:
                 lines.append(f"    {info.name}={info.default!r}")
                 lines += textwrap.wrap(info.doc, 100, initial_indent=" " * 8, subsequent_indent=" " * 8,
@@ -283,9 +284,10 @@ def options_doc() -> str:
 def markdown_table() -> str:
     """The README's option table (tests/manager/test_options.py keeps the README equal to it)."""
     rows = ["| Option | Default | Meaning |", "|---|---|---|"]
+    infos = describe_options()
     for key, heading in GROUPS.items():
         rows.append(f"| **{heading}** | | |")
-        for info in describe_options():
+        for info in infos:
             if info.group == key:
                 meaning = re.sub(r"``(.+?)``", r"`\1`", info.doc).replace("|", "\\|")
                 rows.append(f"| `{info.name}` | `{info.default!r}` | {meaning} |")
