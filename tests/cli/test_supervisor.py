@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -214,12 +215,21 @@ def _default_stop_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def start_supervisor(*args: object) -> subprocess.Popen[str]:
+def _stop_signals_blocked() -> None:
+    # A parent that blocks signals: the mask is inherited across exec.  Without unblocking, SIGTERM
+    # would stay pending in the supervisor (and in the child, which gets the supervisor's mask) until
+    # the child ended on its own.
+    _default_stop_signals()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def start_supervisor(*args: object, parent: Callable[[], None] = _default_stop_signals) -> subprocess.Popen[str]:
     return subprocess.Popen(supervisor_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_stop_signals)  # noqa: PLW1509 - no threads start children here
+                            preexec_fn=parent)  # noqa: PLW1509 - no threads start children here
 
 
-def test_sigterm_is_forwarded_and_stops_supervision(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parent", [_default_stop_signals, _stop_signals_blocked], ids=["default", "blocked"])
+def test_sigterm_is_forwarded_and_stops_supervision(tmp_path: Path, parent: Callable[[], None]) -> None:
     child = script(tmp_path, """
         def on_term(signum, frame):
             (OUT / "got_term").write_text(str(signum))
@@ -228,39 +238,13 @@ def test_sigterm_is_forwarded_and_stops_supervision(tmp_path: Path) -> None:
         (OUT / "ready").touch()
         time.sleep(60)
     """)
-    sup = start_supervisor(*FAST, "--", sys.executable, child)
+    sup = start_supervisor(*FAST, "--", sys.executable, child, parent=parent)
     wait_until((tmp_path / "ready").exists)
     sup.send_signal(signal.SIGTERM)
     _, err = sup.communicate(timeout=60)
     assert sup.returncode == 42, err
     assert (tmp_path / "got_term").read_text() == str(int(signal.SIGTERM))
     assert attempts(tmp_path) == [0]
-    assert "stopped by SIGTERM; the child exited with status 42; not restarting" in err
-
-
-def test_stop_signals_blocked_by_the_parent_are_still_handled_and_forwarded(tmp_path: Path) -> None:
-    # A blocked mask is inherited across exec: without unblocking, SIGTERM would stay pending in the
-    # supervisor (and the child, which gets the supervisor's mask) until the child ended on its own.
-    child = script(tmp_path, """
-        def on_term(signum, frame):
-            (OUT / "got_term").write_text(str(signum))
-            sys.exit(42)
-        signal.signal(signal.SIGTERM, on_term)
-        (OUT / "ready").touch()
-        time.sleep(60)
-    """)
-
-    def blocked_parent() -> None:
-        _default_stop_signals()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-
-    sup = subprocess.Popen(supervisor_command(*FAST, "--", sys.executable, child), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, preexec_fn=blocked_parent)  # noqa: PLW1509
-    wait_until((tmp_path / "ready").exists)
-    sup.send_signal(signal.SIGTERM)
-    _, err = sup.communicate(timeout=60)
-    assert sup.returncode == 42, err
-    assert (tmp_path / "got_term").read_text() == str(int(signal.SIGTERM))
     assert "stopped by SIGTERM; the child exited with status 42; not restarting" in err
 
 
