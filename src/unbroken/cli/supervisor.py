@@ -126,7 +126,10 @@ def supervise(command: Sequence[str], config: SupervisorConfig, *, clock: Callab
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("supervise() must run in the main thread: it handles signals")
     relay = _Relay()
-    with _handled_signals_unblocked(), _handlers_installed(relay):
+    # Receive our signals even if the parent blocked them: a blocked mask is inherited across exec, and
+    # with it a stop signal would stay pending until the child ends (and the child, given our mask,
+    # would never see it either).  An ignored signal (nohup) is a choice and stays ignored.
+    with _handled_signals(signal.SIG_UNBLOCK), _handlers_installed(relay):
         try:
             return _Supervisor(command, config, relay, clock, sleep).run()
         except _StartFailed as exc:
@@ -179,21 +182,10 @@ def _handlers_installed(relay: _Relay) -> Iterator[None]:
 
 
 @contextmanager
-def _handled_signals_unblocked() -> Iterator[None]:
-    """Receive our signals even if the parent blocked them: a blocked mask is inherited across exec,
-    and with it a stop signal would stay pending until the child ends (and the child, given our mask,
-    would never see it either).  An ignored signal (nohup) is a choice and stays ignored."""
-    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-@contextmanager
-def _handled_signals_blocked() -> Iterator[set[int]]:
-    """Hold our signals back while the child is being started: a handler then always sees its pid."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+def _handled_signals(how: int) -> Iterator[set[int]]:
+    """Our signals blocked (``SIG_BLOCK``) or unblocked (``SIG_UNBLOCK``) inside the block; yields the
+    mask as it was before, which is restored on the way out."""
+    old = signal.pthread_sigmask(how, _HANDLED)
     try:
         yield old
     finally:
@@ -279,7 +271,7 @@ class _Supervisor:
         # The pump thread starts with our signals blocked (a thread inherits the mask), so the kernel
         # delivers them to the main thread: one delivered to the pump would leave the main thread's
         # waitid uninterrupted, and the handler (the forwarding) would wait until the child exits.
-        with _handled_signals_blocked():
+        with _handled_signals(signal.SIG_BLOCK):
             tail = StderrTail(read_fd, self.config.tail_lines)
         returncode = self._wait(proc)
         tail.join(_PUMP_GRACE_S)
@@ -288,7 +280,8 @@ class _Supervisor:
 
     def _start(self, stderr_fd: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ, UNBROKEN_RESTART=str(self.restarts))
-        with _handled_signals_blocked() as mask:
+        # Held back while the child is being started: a handler then always sees its pid.
+        with _handled_signals(signal.SIG_BLOCK) as mask:
             proc = subprocess.Popen(self.command, env=env, stderr=stderr_fd, start_new_session=True,
                                     preexec_fn=_child_setup(mask, os.getpid(), self.prctl))
             self.relay.child_pid = proc.pid
