@@ -122,12 +122,20 @@ def verify_checkpoint(storage: Storage, name: str) -> Manifest:
 
     The same checks, in the same order, as reading every tensor, over plain bytes (no torch)."""
     manifest = read_manifest(storage, name)
+    for handle, entries, where in _checked_files(storage, name, manifest):
+        _verify_data(handle, entries, where)
+    return manifest
+
+
+def _checked_files(storage: Storage, name: str, manifest: Manifest
+                   ) -> Iterator[tuple[ReadHandle, list[tuple[str, TensorEntry]], str]]:
+    """Each tensor file of checkpoint ``name``, open and checked against the manifest (size, header),
+    with its entries in file order and its path for messages."""
     for file_name, entries in _by_file(manifest).items():
         where = f"{storage.url}/{name}/{file_name}"
         with storage.open(name, file_name) as handle:
             _check_file(handle, manifest, file_name, entries, where)
-            _verify_data(handle, sorted(entries, key=lambda e: e[1].begin), where)
-    return manifest
+            yield handle, sorted(entries, key=lambda e: e[1].begin), where
 
 
 def _verify_data(handle: ReadHandle, entries: list[tuple[str, TensorEntry]], where: str) -> None:
@@ -151,15 +159,12 @@ def _verify_data(handle: ReadHandle, entries: list[tuple[str, TensorEntry]], whe
 
 
 def _iter_tensors(storage: Storage, name: str, manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
-    for file_name, entries in _by_file(manifest).items():
-        where = f"{storage.url}/{name}/{file_name}"
-        with storage.open(name, file_name) as handle:
-            _check_file(handle, manifest, file_name, entries, where)
-            for block in _blocks(sorted(entries, key=lambda e: e[1].begin)):
-                if len(block) == 1:
-                    yield block[0][0], _read_tensor(handle, block[0][0], block[0][1], where)
-                else:
-                    yield from _read_block(handle, block, where)
+    for handle, entries, where in _checked_files(storage, name, manifest):
+        for block in _blocks(entries):
+            if len(block) == 1:
+                yield block[0][0], _read_tensor(handle, block[0][0], block[0][1], where)
+            else:
+                yield from _read_block(handle, block, where)
 
 
 def check_tensor_file(handle: ReadHandle, manifest: Manifest, file_name: str, where: str) -> None:
