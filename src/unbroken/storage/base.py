@@ -8,19 +8,30 @@ file is durable before the manifest exists, so a present, valid manifest means a
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-__all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "MANIFEST_FILE", "step_name",
-           "parse_step_name"]
+__all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "MANIFEST_FILE", "QUARANTINE_PREFIX",
+           "step_name", "parse_step_name", "quarantine_name"]
 
 STEP_NAME = re.compile(r"^step_(\d{9,})$")
 # The file whose presence commits a checkpoint (the format layer names it too: format.MANIFEST_NAME).
 MANIFEST_FILE = "manifest.json"
+# A checkpoint found corrupt is moved to "corrupt-<its name>-<UTC time>-<id>": outside the step_*
+# namespace, so nothing counts or restores it, and its step name is free for a new save.
+QUARANTINE_PREFIX = "corrupt-"
 
 
 def step_name(step: int) -> str:
     return f"step_{step:09d}"
+
+
+def quarantine_name(name: str, now: float) -> str:
+    """A fresh quarantine name for checkpoint ``name`` at time ``now`` (unique even within one second)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{QUARANTINE_PREFIX}{name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
 def parse_step_name(name: str) -> int | None:
@@ -131,3 +142,9 @@ class Storage(ABC):
     @abstractmethod
     def cleanup(self) -> list[str]:
         """Remove abandoned staging and trash areas; the names removed."""
+
+    def quarantine(self, name: str, new_name: str) -> None:
+        """Move checkpoint ``name`` out of the checkpoint namespace to ``new_name`` (a quarantine name),
+        so that it is never listed, restored or counted again and its step can be saved anew, while its
+        bytes stay for inspection.  Raises ``OSError`` when it cannot be moved (it then stays as it was)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot quarantine checkpoints")
