@@ -307,6 +307,20 @@ class FsspecStorage(Storage):
             self.remove([manifest], self.where(name, MANIFEST))
         self.remove([p for p in objects if p != manifest], self.where(name))
 
+    def quarantine(self, name: str, new_name: str) -> None:
+        """Object stores cannot rename: every object is copied (server-side) to ``new_name``, then the
+        checkpoint is deleted manifest first.  Interrupted, it leaves the checkpoint as it was, possibly
+        with a partial copy under ``new_name`` (listed as quarantined); the next attempt starts afresh."""
+        source = self.path(name)
+        objects = sorted(self._objects(source))
+        if self.path(name, MANIFEST) not in objects:
+            raise CheckpointNotFoundError(f"{self.where(name)}: no such committed checkpoint")
+        for path in objects:
+            target = self.path(new_name) + path[len(source):]
+            with self.failures("copy", self.where(name)):
+                self.fs.copy(path, target)
+        self.delete(name)
+
     def cleanup(self) -> list[str]:
         """Remove step directories without a manifest whose newest object is older than the grace
         period (a younger one may be a concurrent save in progress), and stale multipart uploads."""
