@@ -16,7 +16,7 @@ from typing import ClassVar
 __all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "MANIFEST_FILE", "QUARANTINE_PREFIX",
            "step_name", "parse_step_name", "quarantine_name"]
 
-STEP_NAME = re.compile(r"^step_(\d{9,})$")
+STEP_NAME = re.compile(r"^step_([0-9]{9,})\Z")  # ASCII digits only; \Z: $ also matches before a final "\n"
 # The file whose presence commits a checkpoint (the format layer names it too: format.MANIFEST_NAME).
 MANIFEST_FILE = "manifest.json"
 # A checkpoint found corrupt is moved to "corrupt-<its name>-<UTC time>-<id>": outside the step_*

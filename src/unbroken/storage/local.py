@@ -6,9 +6,18 @@ Commit order (each step exists for a reason):
 2. every file is created exclusively, written fully and fsynced; a failed fsync fails the save and
    is never retried (after a failed fsync Linux may drop the dirty pages and a retry "succeeds");
 3. the manifest goes to a temporary name, is fsynced and renamed, and the staging dir is fsynced;
-4. the staging dir is renamed to its final name (never replacing a committed one) and the parent is
+4. the run directory is checked to still be the one this storage opened (same device and inode): after
+   ``rm -rf run`` another job may own a new directory at that path, and no commit may land in it;
+5. the staging dir is renamed to its final name (never replacing a committed one) and the parent is
    fsynced: the rename is atomic but only durable after the directory fsync.
 Deletion renames to a trash name first, so a half-deleted checkpoint never looks committed.
+
+The same identity check guards every other change to the run directory (a new staging area, a delete,
+cleaning up leftovers), so a writer whose run directory was deleted or replaced stops with
+:class:`RunDirectoryReplacedError` instead of saving into, or applying retention to, another job's run.
+The check and the change are two system calls, not one atomic step; the window between them is a few
+microseconds, against a deletion that happens once.  A run directory created here is made durable
+(:func:`make_dirs_durably`), so a power cut after the first commit cannot lose its entry.
 """
 
 from __future__ import annotations
@@ -22,15 +31,21 @@ import stat
 import uuid
 
 from .._internal import failpoints
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from ..errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    RunDirectoryReplacedError,
+    StorageError,
+)
 from .base import ReadHandle, Staging, Storage, WriteHandle
 
-__all__ = ["LocalStorage"]
+__all__ = ["LocalStorage", "make_dirs_durably"]
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 _WRITE_BUFFER = 4 * 1024 * 1024
-_TOKEN = re.compile(r"^[0-9a-f]{12}$")
+_TOKEN = re.compile(r"^[0-9a-f]{12}\Z")
 
 
 def fsync_dir(path: str) -> None:
@@ -39,6 +54,53 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs_durably(path: str) -> list[str]:
+    """Create ``path`` and its missing parents, fsyncing the parent of each one created (a new entry is
+    durable only once its directory is fsynced).  Returns those parents, outermost first."""
+    missing: list[str] = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    synced = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:  # created meanwhile (another rank), or not a directory: then that error
+            if not os.path.isdir(directory):
+                raise
+        parent = os.path.dirname(directory)
+        try:
+            fsync_dir(parent)
+        except PermissionError:  # a parent we may write but not read cannot be opened to fsync
+            continue
+        synced.append(parent)
+    return synced
+
+
+RootIdentity = tuple[int, int]
+
+
+def _identity(path: str) -> RootIdentity | None:
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def require_same_root(root: str, identity: RootIdentity, action: str) -> None:
+    """Refuse ``action`` if ``root`` is no longer the directory whose ``identity`` was taken when it
+    was opened: after ``rm -rf`` it may be another job's run, whose checkpoints we must never touch."""
+    if _identity(root) != identity:
+        raise RunDirectoryReplacedError(
+            f"{root}: the run directory was deleted or replaced since this process opened it (another job "
+            f"may be using it now); refused to {action}: nothing was written into it or deleted from it. "
+            "Fix: restart the job: it will lock the directory and resume from it as it is now")
 
 
 class LocalWriteHandle(WriteHandle):
@@ -135,9 +197,11 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalStaging(Staging):
-    def __init__(self, root: str, name: str, token: str | None = None) -> None:
-        """A new staging directory, or (with ``token``) one another process created, joined."""
-        self.root, self.name = root, name
+    def __init__(self, root: str, identity: RootIdentity, name: str, token: str | None = None) -> None:
+        """A new staging directory, or (with ``token``) one another process created, joined.  ``identity``
+        is the run directory's when the storage opened it: nothing is committed into another one."""
+        require_same_root(root, identity, f"begin saving {name}")
+        self.root, self.name, self._identity = root, name, identity
         self.joined = token is not None
         self.token = uuid.uuid4().hex[:12] if token is None else token
         if not _TOKEN.match(self.token):
@@ -166,6 +230,8 @@ class LocalStaging(Staging):
         if self.joined:
             raise RuntimeError("a joined staging area is committed by the process that began it")
         final = os.path.join(self.root, self.name)
+        # The staging area went with a deleted run directory: say so, rather than "no such file".
+        require_same_root(self.root, self._identity, f"commit {self.name}")
         failpoints.hit("manifest.write")
         tmp = LocalWriteHandle(os.path.join(self.path, "manifest.json.tmp"))
         tmp.write(memoryview(manifest))
@@ -176,6 +242,7 @@ class LocalStaging(Staging):
         if os.path.lexists(final):  # os.rename would silently replace an empty directory
             raise CheckpointExistsError(f"{final} already exists; a committed checkpoint is never overwritten")
         failpoints.hit("commit.rename")
+        require_same_root(self.root, self._identity, f"commit {self.name}")
         os.rename(self.path, final)
         try:
             failpoints.hit("commit.fsync")
@@ -206,9 +273,11 @@ class LocalStorage(Storage):
         self.root = os.path.abspath(os.fspath(root))
         self.url = self.root
         if create:
-            os.makedirs(self.root, exist_ok=True)
-        elif not os.path.isdir(self.root):
+            make_dirs_durably(self.root)
+        identity = _identity(self.root)
+        if identity is None or not os.path.isdir(self.root):
             raise CheckpointNotFoundError(f"{self.root}: no such directory")
+        self._identity: RootIdentity = identity
 
     def names(self) -> list[str]:
         try:
@@ -221,10 +290,10 @@ class LocalStorage(Storage):
         return os.path.lexists(os.path.join(self.root, name))
 
     def begin(self, name: str) -> Staging:
-        return LocalStaging(self.root, name)
+        return LocalStaging(self.root, self._identity, name)
 
     def join(self, name: str, token: str) -> Staging:
-        return LocalStaging(self.root, name, token)
+        return LocalStaging(self.root, self._identity, name, token)
 
     def open(self, name: str, file_name: str) -> ReadHandle:
         where = os.path.join(self.root, name, file_name)
@@ -243,6 +312,7 @@ class LocalStorage(Storage):
 
     def delete(self, name: str) -> None:
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        require_same_root(self.root, self._identity, f"delete {name}")
         try:
             failpoints.hit("delete.rename")
             os.rename(os.path.join(self.root, name), trash)
@@ -253,8 +323,12 @@ class LocalStorage(Storage):
             raise StorageError(exc.errno, f"could not delete checkpoint {name} in {self.root}: {exc.strerror}") from exc
 
     def cleanup(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []  # nothing to clean, and nothing of another run to touch
+        # Another job's run at this path has its own saves in flight, which are not our leftovers.
+        require_same_root(self.root, self._identity, "clean up staging leftovers")
         removed = []
-        for entry in os.listdir(self.root) if os.path.isdir(self.root) else []:
+        for entry in os.listdir(self.root):
             if not entry.startswith((STAGING_PREFIX, TRASH_PREFIX)):
                 continue
             path = os.path.join(self.root, entry)

@@ -39,7 +39,7 @@ log = logging.getLogger("unbroken")
 
 MiB = 1024 * 1024
 DEFAULT_BLOCK_SIZE = 64 * MiB  # multipart part size: 10,000 parts (S3's cap) hold 640 GB
-_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9._-]+\Z")
 _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
 # Exceptions of the transport stack: translated into StorageError; anything else (a bug) propagates.
 _TRANSPORT_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec",
