@@ -8,8 +8,8 @@ any ``load_state_dict`` that might draw random numbers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import MutableMapping
-from dataclasses import dataclass
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ class _Entry:
     value: Any
     meta: Any = None
     skip: set[str] | None = None  # module keys left out under strict=False
+    stale: set[Any] = field(default_factory=set)  # optimizer param ids whose state is left out
 
 
 def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensors: dict[str, torch.Tensor],
@@ -160,7 +161,7 @@ def _find_problems(live: MutableMapping[str, Any], entries: dict[str, _Entry]) -
         elif kind is Kind.MODULE:
             problems += _module_problems(key, unwrap_module(live[key]).state_dict(), entry)
         elif kind is Kind.OPTIMIZER:
-            problems += _optimizer_problems(key, live[key].state_dict(), entry)
+            problems += _optimizer_problems(key, live[key], entry)
         elif callable(getattr(live[key], "check_state_dict", None)):  # e.g. a loader's dataset size
             found = [f"{key!r}: {p}" for p in live[key].check_state_dict(entry.value)]
             entry.skip = {"*"} if found else None
@@ -190,13 +191,56 @@ def _module_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[s
     return problems
 
 
-def _optimizer_problems(key: str, current: dict[str, Any], entry: _Entry) -> list[str]:
+def _optimizer_problems(key: str, live: torch.optim.Optimizer, entry: _Entry) -> list[str]:
     have = [len(g["params"]) for g in entry.value["param_groups"]]
-    want = [len(g["params"]) for g in current["param_groups"]]
+    want = [len(g["params"]) for g in live.param_groups]
     if have != want:
         entry.skip = {"*"}
         return [f"{key!r}: the checkpoint has param groups of sizes {have} but the optimizer has {want}"]
-    return []
+    problems = []
+    for index, (param_id, param) in enumerate(_saved_ids_to_params(entry.value, live)):
+        per_param = entry.value["state"].get(param_id)
+        problem = _unfitting_state(per_param, param, live) if isinstance(per_param, dict) else None
+        if problem:
+            problems.append(f"{key!r}: optimizer state of param {index} has {problem} (strict=False starts this "
+                            "parameter's optimizer state afresh, 'step' included)")
+            entry.stale.add(param_id)
+    return problems
+
+
+def _saved_ids_to_params(saved: dict[str, Any], live: torch.optim.Optimizer) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Saved param id -> live parameter, by position, as ``Optimizer.load_state_dict`` matches them."""
+    ids = (param_id for group in saved["param_groups"] for param_id in group["params"])
+    params = (param for group in live.param_groups for param in group["params"])
+    return zip(ids, params, strict=True)
+
+
+def _unfitting_state(per_param: dict[str, Any], param: torch.Tensor, live: torch.optim.Optimizer) -> str | None:
+    """What in one parameter's saved optimizer state cannot be used with the live parameter, or None.
+
+    Scalars ('step', Adam's capturable 'step', ASGD's 'eta') fit any shape.  The other tensors fit
+    when one of them has the parameter's shape (per-element state: moments, momentum; a quantised
+    optimizer's codebook beside it is its own business), when together they broadcast to exactly that
+    shape (factored state: Adafactor's row_var [n, 1] and col_var [1, m]), or when all are flat over
+    every parameter of the optimizer (LBFGS keeps its state in the first parameter's slot).
+    Dtypes are not compared: ``Optimizer.load_state_dict`` casts floating state to the parameter's.
+    """
+    shaped = {name: value for name, value in per_param.items()
+              if isinstance(value, torch.Tensor) and value.dim() > 0}
+    shapes = [value.shape for value in shaped.values()]
+    if not shaped or param.shape in shapes:
+        return None
+    try:
+        if torch.broadcast_shapes(*shapes) == param.shape:  # type: ignore[no-untyped-call]  # unannotated in torch
+            return None
+    except (RuntimeError, ValueError):
+        pass  # shapes that do not broadcast together
+    flat = sum(p.numel() for group in live.param_groups for p in group["params"])
+    if all(shape == (flat,) for shape in shapes):
+        return None
+    names = [name for name, value in shaped.items() if value.shape == shapes[0]]
+    return (f"{', '.join(map(repr, names))} of shape {list(shapes[0])} but the parameter has shape "
+            f"{list(param.shape)}")
 
 
 def _apply(target: Any, entry: _Entry) -> Any:
@@ -208,6 +252,13 @@ def _apply(target: Any, entry: _Entry) -> Any:
         else:
             values._metadata = entry.meta or {}  # type: ignore[attr-defined]
             module.load_state_dict(values, strict=not entry.skip and _no_missing(target, values))
+        return target
+    if entry.kind is Kind.OPTIMIZER and entry.stale:
+        # A parameter's state goes whole or not at all: torch's optimizers initialise a parameter's
+        # state only when it is empty (a 'step' kept without its moments fails with a KeyError), and
+        # Adam's bias correction must count the steps the fresh moments have seen, not the old ones.
+        state = {k: v for k, v in entry.value["state"].items() if k not in entry.stale}
+        _load_stateful(target, {**entry.value, "state": state})
         return target
     if entry.kind in (Kind.OPTIMIZER, Kind.STATEFUL):
         _load_stateful(target, entry.value)
