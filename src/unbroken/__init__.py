@@ -25,6 +25,7 @@ from .errors import (
     CorruptCheckpointError,
     DistributedError,
     PartialRestoreError,
+    RunDirectoryReplacedError,
     RunLockedError,
     StateMismatchError,
     StorageError,
@@ -65,7 +66,7 @@ __all__ = [
     "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
     "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
-    "DistributedError",
+    "RunDirectoryReplacedError", "DistributedError",
     "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
 ]
 

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointExistsError",
     "StorageError",
+    "RunDirectoryReplacedError",
     "RunLockedError",
     "DistributedError",
     "CheckpointSkippedWarning",
@@ -57,6 +58,17 @@ class CheckpointExistsError(UnbrokenError, FileExistsError):
 
 class StorageError(UnbrokenError, OSError):
     """Writing, committing or deleting a checkpoint failed at the storage level."""
+
+
+class RunDirectoryReplacedError(StorageError):
+    """The run directory was deleted or replaced (``rm -rf run``, a new job's directory at the same
+    path) after this process opened it; nothing more is written into it or deleted from it.
+
+    Not a passing I/O failure: no later save of this process can succeed, and the path may belong to
+    another job now, whose checkpoints this one must never touch.  So it stops the training even with
+    ``on_save_error="warn"``, which exists to ride out a full or flaky disk: a run that can no longer
+    save anywhere safe must not go on unprotected, warning at every save.  The fix is a restart, which
+    locks the directory as it is now and resumes from it."""
 
 
 class RunLockedError(UnbrokenError, RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from tests.helpers import FakeClock
-from unbroken import CheckpointManager, RunLockedError
+from unbroken import CheckpointManager, RunDirectoryReplacedError, RunLockedError, list_checkpoints
 from unbroken.manager import checkpoint_manager
 from unbroken.manager.runlock import RunLock
 
@@ -160,3 +161,29 @@ def test_a_symlinked_lock_file_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="run lock.*symlink"):
         CheckpointManager(run, {"w": torch.ones(4)})
     assert victim.read_text() == "precious"
+
+
+def test_a_writer_whose_run_directory_was_deleted_never_touches_the_next_runs_checkpoints(tmp_path: Path) -> None:
+    """rm -rf run under writer A takes A's lock with it; job B then locks the new run at that path.
+    A must stop writing there: no checkpoint of A's lands in B's run, and A's retention deletes none of B's."""
+    run = tmp_path / "run"
+    first = CheckpointManager(run, {"w": torch.ones(4)}, every_steps=1, keep_last=3, async_save=False)
+    for step in range(1, 4):
+        first.step(step)
+    shutil.rmtree(run)
+    # B stands for a job in another process, which A's vanished lock does not refuse (in this process a
+    # second locked manager would take A over instead: test_a_newer_manager_in_the_same_process_takes_over).
+    second = CheckpointManager(run, {"w": torch.full((4,), 2.0)}, every_steps=1, async_save=False, lock=False)
+    for step in range(1, 4):
+        second.step(step)
+    theirs = sorted(p.name for p in run.iterdir())
+    with pytest.raises(RunDirectoryReplacedError, match=rf"{run}: the run directory was deleted or replaced"):
+        first.step(4)
+    with pytest.raises(RunDirectoryReplacedError, match="Fix: restart the job"):
+        first.save(5)
+    assert sorted(p.name for p in run.iterdir()) == theirs
+    assert [(r.step, r.valid) for r in list_checkpoints(run, verify=True)] == [(1, True), (2, True), (3, True)]
+    state = {"w": torch.zeros(4)}
+    second.state = state
+    assert second.restore() == 3 and torch.equal(state["w"], torch.full((4,), 2.0))
+    second.close()

@@ -14,11 +14,18 @@ import pytest
 import torch
 
 from tests.helpers import commit_files
-from unbroken.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from unbroken._internal import failpoints
+from unbroken.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    RunDirectoryReplacedError,
+    StorageError,
+)
 from unbroken.format import Manifest
 from unbroken.io import FilePlan, live_runs, read_manifest, write_checkpoint
 from unbroken.storage import LocalStorage, parse_step_name, step_name
-from unbroken.storage.local import LocalWriteHandle
+from unbroken.storage.local import LocalWriteHandle, make_dirs_durably
 
 MiB = 1024 * 1024
 
@@ -41,6 +48,26 @@ def test_root_is_created_and_names_start_empty(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir()
     assert storage.names() == []
+
+
+def test_a_new_run_directory_is_made_durable_up_to_the_first_existing_parent(tmp_path: Path) -> None:
+    """Each directory created gets its entry fsynced in its parent, so a power cut after the first
+    commit cannot lose the run directory (or a parent created with it)."""
+    root = tmp_path / "a" / "b" / "run"
+    assert make_dirs_durably(str(root)) == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+    assert root.is_dir()
+    assert make_dirs_durably(str(root)) == []  # nothing created, nothing to make durable
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        make_dirs_durably(str(tmp_path / "file"))
+    with pytest.raises(NotADirectoryError):
+        make_dirs_durably(str(tmp_path / "file" / "run"))
+
+
+def test_a_nested_new_run_directory_takes_checkpoints(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "x" / "y" / "run")
+    commit_files(storage, "step_000000001", {"a": b"1"})
+    assert LocalStorage(tmp_path / "x" / "y" / "run", create=False).names() == ["step_000000001"]
 
 
 def test_missing_root_without_create(tmp_path: Path) -> None:
@@ -238,6 +265,82 @@ def test_delete_of_a_missing_checkpoint_is_a_storage_error(storage: LocalStorage
         storage.delete("step_000000009")
     assert isinstance(info.value, OSError)
     assert "step_000000009" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run directory deleted or replaced under an open storage (another job's run now)
+# ---------------------------------------------------------------------------------------------
+
+def _replace_root(storage: LocalStorage) -> Path:
+    """``rm -rf run`` and a new job at the same path, with a checkpoint and a save in flight."""
+    shutil.rmtree(storage.root)
+    other = LocalStorage(storage.root)
+    commit_files(other, "step_000000001", {"a": b"theirs"})
+    other.begin("step_000000002").create("a").write(memoryview(b"in flight"))
+    return Path(storage.root)
+
+
+def _their_entries(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_replaced_run_directory_is_never_written_into_or_deleted_from(storage: LocalStorage) -> None:
+    commit_files(storage, "step_000000001", {"a": b"ours"})
+    root = _replace_root(storage)
+    theirs = _their_entries(root)
+    fix = r"deleted or replaced since this process opened it.*nothing was written.*Fix: restart the job"
+    with pytest.raises(RunDirectoryReplacedError, match=rf"{root}: the run directory was {fix}"):
+        storage.begin("step_000000003")
+    with pytest.raises(RunDirectoryReplacedError, match=fix):
+        storage.delete("step_000000001")
+    with pytest.raises(RunDirectoryReplacedError, match=fix):
+        storage.cleanup()  # their save in flight is not our leftover
+    assert _their_entries(root) == theirs
+    assert isinstance(RunDirectoryReplacedError("x"), StorageError)
+
+
+def test_a_save_begun_before_the_run_directory_was_replaced_commits_nothing(storage: LocalStorage) -> None:
+    staging = storage.begin("step_000000003")
+    handle = staging.create("a")
+    handle.write(memoryview(b"ours"))
+    handle.close()
+    root = _replace_root(storage)
+    theirs = _their_entries(root)
+    with pytest.raises(RunDirectoryReplacedError, match="deleted or replaced"):
+        staging.commit(b"{}")
+    staging.abort()
+    assert _their_entries(root) == theirs
+    assert not (root / "step_000000003").exists()
+
+
+def test_a_commit_never_lands_in_a_run_directory_replaced_while_it_was_written(storage: LocalStorage,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check right before the commit rename: even a staging area that ended up in the new run
+    directory (replaced between begin's check and its mkdir) is never published there."""
+    staging = storage.begin("step_000000003")
+    staging.create("a").close()
+    root = Path(storage.root)
+
+    def replace_at_the_rename(point: str) -> None:
+        if point == "commit.rename":
+            old = root.with_name("old")
+            root.rename(old)
+            LocalStorage(root)
+            (old / Path(staging.path).name).rename(Path(staging.path))
+
+    monkeypatch.setattr(failpoints, "hit", replace_at_the_rename)
+    with pytest.raises(RunDirectoryReplacedError, match="refused to commit step_000000003"):
+        staging.commit(b"{}")
+    staging.abort()
+    assert _entries(storage) == []
+
+
+def test_a_deleted_run_directory_is_not_recreated_by_a_save(storage: LocalStorage) -> None:
+    shutil.rmtree(storage.root)
+    with pytest.raises(RunDirectoryReplacedError, match="deleted or replaced"):
+        storage.begin("step_000000001")
+    assert not Path(storage.root).exists()
+    assert storage.cleanup() == []  # nothing there to clean, and nothing of another run touched
 
 
 # ---------------------------------------------------------------------------------------------

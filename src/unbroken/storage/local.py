@@ -29,6 +29,7 @@ import re
 import shutil
 import stat
 import uuid
+import weakref
 
 from .._internal import failpoints
 from ..errors import (
@@ -60,12 +61,12 @@ def make_dirs_durably(path: str) -> list[str]:
     """Create ``path`` and its missing parents, fsyncing the parent of each one created (a new entry is
     durable only once its directory is fsynced).  Returns those parents, outermost first."""
     missing: list[str] = []
-    while not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
+    existing = path
+    while not os.path.lexists(existing):
+        missing.append(existing)
+        existing = os.path.dirname(existing)
+    if not missing and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
     synced = []
     for directory in reversed(missing):
         try:
@@ -274,10 +275,14 @@ class LocalStorage(Storage):
         self.url = self.root
         if create:
             make_dirs_durably(self.root)
-        identity = _identity(self.root)
-        if identity is None or not os.path.isdir(self.root):
+        elif not os.path.isdir(self.root):
             raise CheckpointNotFoundError(f"{self.root}: no such directory")
-        self._identity: RootIdentity = identity
+        # Held open while this storage lives, it pins the directory's inode: a directory made at this
+        # path after ``rm -rf`` cannot get the same inode number (ext4 and tmpfs reuse a freed one at once).
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, root_fd)
+        info = os.fstat(root_fd)
+        self._identity: RootIdentity = (info.st_dev, info.st_ino)
 
     def names(self) -> list[str]:
         try:
