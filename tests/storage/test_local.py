@@ -50,13 +50,16 @@ def test_root_is_created_and_names_start_empty(tmp_path: Path) -> None:
     assert storage.names() == []
 
 
-def test_a_new_run_directory_is_made_durable_up_to_the_first_existing_parent(tmp_path: Path) -> None:
+def test_a_new_run_directory_is_made_durable_up_to_the_first_existing_parent(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Each directory created gets its entry fsynced in its parent, so a power cut after the first
     commit cannot lose the run directory (or a parent created with it)."""
     root = tmp_path / "a" / "b" / "run"
     assert make_dirs_durably(str(root)) == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
     assert root.is_dir()
     assert make_dirs_durably(str(root)) == []  # nothing created, nothing to make durable
+    monkeypatch.chdir(tmp_path)
+    assert make_dirs_durably("rel/run") == [str(tmp_path), str(tmp_path / "rel")]
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(NotADirectoryError):
         make_dirs_durably(str(tmp_path / "file"))

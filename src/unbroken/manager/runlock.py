@@ -11,6 +11,14 @@ The file's content (pid, host, time) is informational, for the error message.
 Inside one process (a notebook re-running its set-up cell), a new manager takes the run over from
 the earlier one: that one finishes its save in flight and is closed, with a warning.  Across
 processes there is no takeover: the second writer gets :class:`RunLockedError`.
+
+The lock file lives in the run directory, so ``rm -rf run`` takes the lock with it: a job started
+afterwards locks a new ``.lock`` in a new directory and is rightly not refused.  What must stop then is
+the old writer, and the lock is not where that happens: ``LocalStorage`` checks, before every change it
+makes (a new save, the commit rename, a delete, a cleanup), that its path still names the directory it
+opened, and raises :class:`~unbroken.errors.RunDirectoryReplacedError` otherwise.  That check also
+covers ``lock=False`` runs; re-checking the lock file's identity here would repeat it for locked runs
+only, so the lock is taken once and never re-validated.
 """
 
 from __future__ import annotations

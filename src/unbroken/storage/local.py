@@ -60,6 +60,7 @@ def fsync_dir(path: str) -> None:
 def make_dirs_durably(path: str) -> list[str]:
     """Create ``path`` and its missing parents, fsyncing the parent of each one created (a new entry is
     durable only once its directory is fsynced).  Returns those parents, outermost first."""
+    path = os.path.abspath(path)
     missing: list[str] = []
     existing = path
     while not os.path.lexists(existing):
@@ -83,10 +84,10 @@ def make_dirs_durably(path: str) -> list[str]:
     return synced
 
 
-RootIdentity = tuple[int, int]
+_RootIdentity = tuple[int, int]
 
 
-def _identity(path: str) -> RootIdentity | None:
+def _identity(path: str) -> _RootIdentity | None:
     try:
         info = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -94,7 +95,7 @@ def _identity(path: str) -> RootIdentity | None:
     return info.st_dev, info.st_ino
 
 
-def require_same_root(root: str, identity: RootIdentity, action: str) -> None:
+def _require_same_root(root: str, identity: _RootIdentity, action: str) -> None:
     """Refuse ``action`` if ``root`` is no longer the directory whose ``identity`` was taken when it
     was opened: after ``rm -rf`` it may be another job's run, whose checkpoints we must never touch."""
     if _identity(root) != identity:
@@ -198,10 +199,10 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalStaging(Staging):
-    def __init__(self, root: str, identity: RootIdentity, name: str, token: str | None = None) -> None:
+    def __init__(self, root: str, identity: _RootIdentity, name: str, token: str | None = None) -> None:
         """A new staging directory, or (with ``token``) one another process created, joined.  ``identity``
         is the run directory's when the storage opened it: nothing is committed into another one."""
-        require_same_root(root, identity, f"begin saving {name}")
+        _require_same_root(root, identity, f"begin saving {name}")
         self.root, self.name, self._identity = root, name, identity
         self.joined = token is not None
         self.token = uuid.uuid4().hex[:12] if token is None else token
@@ -232,7 +233,7 @@ class LocalStaging(Staging):
             raise RuntimeError("a joined staging area is committed by the process that began it")
         final = os.path.join(self.root, self.name)
         # The staging area went with a deleted run directory: say so, rather than "no such file".
-        require_same_root(self.root, self._identity, f"commit {self.name}")
+        _require_same_root(self.root, self._identity, f"commit {self.name}")
         failpoints.hit("manifest.write")
         tmp = LocalWriteHandle(os.path.join(self.path, "manifest.json.tmp"))
         tmp.write(memoryview(manifest))
@@ -243,7 +244,7 @@ class LocalStaging(Staging):
         if os.path.lexists(final):  # os.rename would silently replace an empty directory
             raise CheckpointExistsError(f"{final} already exists; a committed checkpoint is never overwritten")
         failpoints.hit("commit.rename")
-        require_same_root(self.root, self._identity, f"commit {self.name}")
+        _require_same_root(self.root, self._identity, f"commit {self.name}")
         os.rename(self.path, final)
         try:
             failpoints.hit("commit.fsync")
@@ -282,7 +283,7 @@ class LocalStorage(Storage):
         root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         weakref.finalize(self, os.close, root_fd)
         info = os.fstat(root_fd)
-        self._identity: RootIdentity = (info.st_dev, info.st_ino)
+        self._identity: _RootIdentity = (info.st_dev, info.st_ino)
 
     def names(self) -> list[str]:
         try:
@@ -317,7 +318,7 @@ class LocalStorage(Storage):
 
     def delete(self, name: str) -> None:
         trash = os.path.join(self.root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
-        require_same_root(self.root, self._identity, f"delete {name}")
+        _require_same_root(self.root, self._identity, f"delete {name}")
         try:
             failpoints.hit("delete.rename")
             os.rename(os.path.join(self.root, name), trash)
@@ -331,7 +332,7 @@ class LocalStorage(Storage):
         if not os.path.isdir(self.root):
             return []  # nothing to clean, and nothing of another run to touch
         # Another job's run at this path has its own saves in flight, which are not our leftovers.
-        require_same_root(self.root, self._identity, "clean up staging leftovers")
+        _require_same_root(self.root, self._identity, "clean up staging leftovers")
         removed = []
         for entry in os.listdir(self.root):
             if not entry.startswith((STAGING_PREFIX, TRASH_PREFIX)):
