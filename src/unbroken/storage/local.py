@@ -328,6 +328,19 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(exc.errno, f"could not delete checkpoint {name} in {self.root}: {exc.strerror}") from exc
 
+    def quarantine(self, name: str, new_name: str) -> None:
+        """One atomic rename inside the run directory, made durable by fsyncing it: interrupted, the
+        checkpoint is either still ``name`` (and is quarantined again next time) or already ``new_name``."""
+        _require_same_root(self.root, self._identity, f"quarantine {name}")
+        try:
+            os.rename(os.path.join(self.root, name), os.path.join(self.root, new_name))
+            fsync_dir(self.root)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{os.path.join(self.root, name)}: no such checkpoint") from None
+        except OSError as exc:
+            raise StorageError(exc.errno, f"could not quarantine checkpoint {name} in {self.root}: "
+                               f"{exc.strerror}") from exc
+
     def cleanup(self) -> list[str]:
         if not os.path.isdir(self.root):
             return []  # nothing to clean, and nothing of another run to touch
