@@ -14,7 +14,7 @@ from ..format.values import decode
 from ..io import read_manifest, verify_checkpoint
 from ..storage import is_url
 from ..storage.paths import is_checkpoint_dir, open_run, split_checkpoint_path
-from .listing import CheckpointRecord, decode_metrics, record_of, scan
+from .listing import CheckpointRecord, check_named_step, decode_metrics, record_of, scan
 
 __all__ = ["list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo"]
 
@@ -82,4 +82,6 @@ def read_info(path: str | os.PathLike[str], storage_options: dict[str, Any] | No
 def verify(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
     """Check every byte of the checkpoint at ``path``; raises :class:`CorruptCheckpointError`."""
     storage, name = split_checkpoint_path(path, storage_options)
-    return record_of(storage, name, verify_checkpoint(storage, name))
+    manifest = verify_checkpoint(storage, name)
+    check_named_step(storage, name, manifest)
+    return record_of(storage, name, manifest)

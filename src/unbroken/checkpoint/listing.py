@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import CorruptCheckpointError
 from ..format import Manifest
 from ..format.values import decode
 from ..io import read_manifest, verify_checkpoint
-from ..storage import Storage, parse_step_name
+from ..storage import Storage, parse_step_name, step_name
 
-__all__ = ["CheckpointRecord", "scan", "record_of"]
+__all__ = ["CheckpointRecord", "scan", "record_of", "check_named_step", "with_newest_verified"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,42 @@ def record_of(storage: Storage, name: str, manifest: Manifest) -> CheckpointReco
                             size=manifest.total_bytes, metrics=decode_metrics(manifest.metrics))
 
 
+def check_named_step(storage: Storage, name: str, manifest: Manifest) -> None:
+    """Raise :class:`CorruptCheckpointError` when ``name`` is a step name for another step than the manifest's."""
+    named = parse_step_name(name)
+    if named is not None and named != manifest.step:
+        raise CorruptCheckpointError(f"{storage.url}/{name}: the directory is named for step {named} but its "
+                                     f"manifest says step {manifest.step}; it was not written by this run's "
+                                     "manager (e.g. unbroken.save into a step_* path). Fix: rename or remove it")
+
+
 def decode_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     def no_tensor(_name: str) -> Any:
         raise CorruptCheckpointError("metrics must not refer to tensors")
 
     return {k: decode(v, no_tensor) for k, v in metrics.items()}
+
+
+def with_newest_verified(storage: Storage, records: list[CheckpointRecord]) -> list[CheckpointRecord]:
+    """``records`` (oldest first, as :func:`scan` gives them) after checking every byte of the newest
+    valid one, and of the one before it when that fails, and so on: each that fails is marked invalid.
+
+    Retention always keeps the newest valid checkpoint; this makes it one a restore would really use,
+    for the price of reading one checkpoint.  A checkpoint that cannot be read now (an I/O error)
+    raises: nothing may be decided on a guess.
+    """
+    checked = list(records)
+    for index in reversed(range(len(checked))):
+        record = checked[index]
+        if not record.valid:
+            continue
+        name = step_name(record.step)
+        try:
+            check_named_step(storage, name, verify_checkpoint(storage, name))
+            break
+        except CorruptCheckpointError as exc:
+            checked[index] = replace(record, valid=False, problem=str(exc))
+    return checked
 
 
 def scan(storage: Storage, verify: bool = False) -> list[CheckpointRecord]:
@@ -49,8 +80,7 @@ def scan(storage: Storage, verify: bool = False) -> list[CheckpointRecord]:
             continue
         try:
             manifest = verify_checkpoint(storage, name) if verify else read_manifest(storage, name)
-            if manifest.step != step:
-                raise CorruptCheckpointError(f"{name}: manifest says step {manifest.step}")
+            check_named_step(storage, name, manifest)
             records.append(record_of(storage, name, manifest))
         except (CorruptCheckpointError, OSError) as exc:
             records.append(CheckpointRecord(step=step, path=f"{storage.url}/{name}", valid=False, problem=str(exc)))

@@ -19,6 +19,7 @@ from ..io import FilePlan, live_runs, mapped_tensors, read_manifest, write_check
 from ..state import Snapshot, capture, restore_state
 from ..state.restore import copied_on_load
 from ..storage import Storage
+from .listing import check_named_step
 
 __all__ = ["versions", "build_manifest", "save_checkpoint", "load_checkpoint"]
 
@@ -65,8 +66,12 @@ def save_checkpoint(storage: Storage, name: str, state: Mapping[str, Any], step:
 
 def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any], strict: bool = True,
                     rng: bool = True) -> Manifest:
-    """Verify every byte of checkpoint ``name``, then restore it into ``state``."""
+    """Verify every byte of checkpoint ``name``, then restore it into ``state``.
+
+    A checkpoint named after a step (``step_N``) must say it holds step N: the name is what the run is
+    resumed from, so a mismatch is corruption, found before any live object is touched."""
     manifest = read_manifest(storage, name)
+    check_named_step(storage, name, manifest)
     if manifest.rank_state is not None or manifest.sharded or holds_dtensors(state):  # several ranks' or into DTensors
         from ..distributed.load import load_single
 
