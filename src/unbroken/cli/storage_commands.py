@@ -52,7 +52,8 @@ def add_prune(sub: Any) -> None:
                                        "checkpoint is always kept. Abandoned partial saves are removed too.")
     prune.add_argument("run_dir")
     add_retention_flags(prune)
-    prune.add_argument("--invalid", action="store_true", help="also delete checkpoints that fail validation")
+    prune.add_argument("--invalid", action="store_true", help="also delete checkpoints that fail validation, and those "
+                       "quarantined as corrupt")
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     add_storage_option(prune)
     prune.set_defaults(run=_prune)
@@ -92,6 +93,8 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"{verb:<12} step {record.step}{problem}")
     for record, error in result.failed:
         print(f"FAILED       step {record.step}: {error}")
+    for name in result.removed_quarantined:
+        print(f"{verb:<12} {name} (quarantined as corrupt)")
     for leftover in result.removed_partial:
         print(f"removed      {leftover} (abandoned partial save)")
     print(f"kept {len(result.kept)} checkpoint(s): {[r.step for r in result.kept]}")

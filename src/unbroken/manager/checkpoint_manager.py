@@ -19,14 +19,15 @@ from ..checkpoint.listing import CheckpointRecord, record_of, scan
 from ..checkpoint.newest import restore_newest, restore_step
 from ..checkpoint.single import build_manifest, load_checkpoint
 from ..data import make_resumable, needs_adoption
-from ..errors import CheckpointExistsError, StorageError, UnbrokenError
+from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError, UnbrokenError
 from ..format import Manifest
 from ..state import capture, check_state_keys
-from ..storage import LocalStorage, Storage, is_url, open_storage, step_name
+from ..storage import LocalStorage, Storage, is_url, open_storage, parse_step_name, step_name
 from ..storage.paths import is_checkpoint_dir, split_checkpoint_path
 from .mirror import Mirror
 from .options import ManagerOptions, takes_options
 from .preemption import EXIT_PREEMPTED, Preempted, Stops, absolute_deadline, parse_signals, write_stop_marker
+from .quarantine import quarantine
 from .ranks import DistributedRun, attach
 from .retention import expired
 from .runlock import RunLock
@@ -86,6 +87,9 @@ class CheckpointManager:
         self._last_metrics: dict[str, Any] = {}
         self._saved_steps: set[int] = set()
         self._last_committed: Manifest | None = None
+        # The newest checkpoint known good in this process (restored from this run, or committed by this
+        # manager): retention never deletes it, whatever it counts on disk, until a newer one is known good.
+        self._verified_step: int | None = None
         self._closed = False
         self._closed_reason = ""
         self._lock: RunLock | None = None
@@ -132,8 +136,19 @@ class CheckpointManager:
         else:
             if self._mirror is not None:  # a new machine: the newest checkpoint may only be in the bucket
                 self._mirror.fetch()
-            manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng)
+            manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng,
+                                      on_corrupt=self._set_aside)
+        if manifest is not None and path is None:
+            self._verified_step = manifest.step
         return self._resumed(manifest)
+
+    def _set_aside(self, name: str, problem: CorruptCheckpointError) -> bool:
+        """Quarantine a checkpoint found corrupt while resuming; True when the mirror put a good copy in
+        its place (restore tries it again), else restore falls back to the previous checkpoint."""
+        if quarantine(self.storage, name, problem) is None or self._mirror is None:
+            return False
+        step = parse_step_name(name)
+        return step is not None and self._mirror.fetch(step) is not None
 
     def _resumed(self, manifest: Manifest | None) -> int:
         if manifest is None:
@@ -166,7 +181,12 @@ class CheckpointManager:
             self._stop(step, reason)
         if step in self._saved_steps or not self._schedule.due(step):
             return False
-        if self.storage.exists(step_name(step)):
+        try:
+            taken = self.storage.exists(step_name(step))
+        except StorageError as exc:  # the store is unreachable: this save fails like any other I/O failure
+            self._save_failed(step, exc)
+            return False
+        if taken:
             # Left by an earlier run (e.g. after restore(step=older)): committed checkpoints are never
             # overwritten, and stopping the training for it would be worse than skipping this save.
             message = (f"a checkpoint for step {step} already exists in {self.storage.url}; not overwritten "
@@ -216,12 +236,15 @@ class CheckpointManager:
     def _start_save(self, step: int, metrics: dict[str, Any]) -> bool:
         """Snapshot and start writing; False if skipped (``when_busy="skip"``).  A synchronous save
         is complete, and its error raised, when this returns."""
+        if self._saver.skips(step):
+            return False
+        # The previous save's failure is that save's: raised or warned about here, by on_save_error.
+        self._surface_errors(block=True)
         self._stops.save_started()
         with paused_gc():
             snap = capture(self.state, rng=self.config.capture_rng)
             manifest = build_manifest(snap, step, metrics, self.config.metadata)
-        if self._saver.save(step_name(step), step, snap, manifest) is None:
-            return False
+        self._saver.save(step_name(step), step, snap, manifest)
         self._saved_steps.add(step)
         self._schedule.saved()
         if not self.config.async_save:
@@ -242,20 +265,34 @@ class CheckpointManager:
             return None
         except BaseException as exc:
             self._saved_steps.discard(step)  # never counted as saved: close() or a later save retries
-            if not (isinstance(exc, StorageError) and self.config.on_save_error == "warn"):
-                raise
-            # Only I/O failures are downgraded: the next scheduled save tries again, and the earlier
-            # checkpoints are intact.  A bug (unserializable state) must still stop the run.
-            message = f"checkpoint for step {step} failed, training continues: {exc}"
-            warn(message, RuntimeWarning)
+            self._save_failed(step, exc)
             return None
 
+    def _save_failed(self, step: int | None, exc: BaseException) -> None:
+        """Raise a failed save's error, or with ``on_save_error="warn"`` turn an I/O failure into a warning.
+
+        Only I/O failures are downgraded: the next scheduled save tries again, and the earlier
+        checkpoints are intact.  A bug (unserializable state) must still stop the run."""
+        if not (isinstance(exc, StorageError) and self.config.on_save_error == "warn"):
+            raise exc
+        message = f"checkpoint for step {step} failed, training continues: {exc}"
+        warn(message, RuntimeWarning)
+
     def _after_commit(self, manifest: Manifest) -> None:
+        """Runs on the writer once a save is committed.  A commit is a commit: nothing here may turn
+        it into a failed save, so a failed retention pass is a warning of its own, retried after the
+        next commit."""
         self._last_committed = manifest
+        self._verified_step = max(manifest.step, self._verified_step or 0)
         self._stops.save_committed()
         log.info("saved checkpoint step %d (%d bytes) to %s", manifest.step, manifest.total_bytes,
                  self.storage.url)
-        self._apply_retention()
+        try:
+            self._apply_retention()
+        except Exception as exc:  # noqa: BLE001 (any failure here is reported, never charged to the save)
+            message = (f"retention after the commit of step {manifest.step} failed (the checkpoint is committed; "
+                       f"retention runs again after the next save): {type(exc).__name__}: {exc}")
+            warn(message, RuntimeWarning)
         if self._mirror is not None:
             self._mirror.submit(step_name(manifest.step))
 
@@ -268,7 +305,7 @@ class CheckpointManager:
     def _retain(self) -> None:
         uploading = self._mirror.busy if self._mirror is not None else None
         for record in expired(scan(self.storage), self._policies):
-            if step_name(record.step) == uploading:
+            if step_name(record.step) == uploading or record.step == self._verified_step:
                 continue
             try:
                 self.storage.delete(step_name(record.step))
@@ -288,9 +325,14 @@ class CheckpointManager:
             return
         try:
             self._surface_errors(block=True)
-            if (self.config.save_on_close and self._last_step is not None
-                    and self._last_step not in self._saved_steps):
-                self.save(self._last_step, self._last_metrics, wait=True)
+            last = self._last_step
+            if self.config.save_on_close and last is not None and last not in self._saved_steps:
+                if self._verified_step == last or self.storage.exists(step_name(last)):
+                    # Committed already (a save reported failed after its commit, or an earlier run's):
+                    # committed checkpoints are never overwritten, and there is nothing left to save.
+                    log.info("close: step %d is already saved in %s", last, self.storage.url)
+                else:
+                    self.save(last, self._last_metrics, wait=True)
         finally:
             self._closed = True
             try:

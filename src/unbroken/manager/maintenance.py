@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint.listing import CheckpointRecord, scan
+from ..checkpoint.listing import CheckpointRecord, scan, with_newest_verified
 from ..checkpoint.transfer import CopyResult, copy_checkpoint
-from ..storage import LocalStorage, Storage, is_url, step_name
-from ..storage.paths import open_run
+from ..storage import LocalStorage, Storage, is_url, parse_step_name, step_name
+from ..storage.base import QUARANTINE_PREFIX
+from ..storage.paths import open_run, quarantined_names
 from .retention import RetentionPolicy, expired, policies_from
 from .runlock import RunLock
 
@@ -28,14 +29,16 @@ class PruneResult:
     kept: list[CheckpointRecord]
     failed: list[tuple[CheckpointRecord, str]]
     removed_partial: list[str]
+    removed_quarantined: list[str] = field(default_factory=list)
 
 
 def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep_best: int | None = None,
           best_metric: str | None = None, best_mode: str = "min", keep_every: int | None = None,
           invalid: bool = False, dry_run: bool = False, storage_options: dict[str, Any] | None = None
           ) -> PruneResult:
-    """Delete the checkpoints no rule keeps (the newest valid one always stays), and with ``invalid``
-    those that fail validation; abandoned partial saves are removed.  ``dry_run`` deletes nothing."""
+    """Delete the checkpoints no rule keeps (the newest valid one always stays, and is first checked
+    byte by byte), and with ``invalid`` those that fail validation and those quarantined as corrupt;
+    abandoned partial saves are removed.  ``dry_run`` deletes nothing."""
     policies = policies_from(keep_last=keep_last, keep_best=keep_best, best_metric=best_metric, best_mode=best_mode,
                              keep_every=keep_every)
     if not policies and not invalid:
@@ -52,7 +55,9 @@ def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep
 
 
 def _prune(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry_run: bool) -> PruneResult:
-    records = scan(storage)
+    # Manifests alone would count a checkpoint with a flipped data bit as the newest valid one, and
+    # keep_last=1 would then delete the only good one: the one kept as newest is read in full first.
+    records = with_newest_verified(storage, scan(storage)) if policies else scan(storage)
     doomed = expired(records, policies) if policies else []
     doomed += [r for r in records if not r.valid] if invalid else []
     deleted, failed = [], []
@@ -63,9 +68,24 @@ def _prune(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry
             deleted.append(record)
         except OSError as exc:
             failed.append((record, str(exc)))
+    quarantined = _remove_quarantined(storage, dry_run, failed) if invalid else []
     removed = [] if dry_run else storage.cleanup()
     kept = [r for r in records if r not in doomed]
-    return PruneResult(deleted, kept, failed, removed)
+    return PruneResult(deleted, kept, failed, removed, quarantined)
+
+
+def _remove_quarantined(storage: Storage, dry_run: bool, failed: list[tuple[CheckpointRecord, str]]) -> list[str]:
+    removed = []
+    for name in quarantined_names(storage):
+        try:
+            if not dry_run:
+                storage.delete(name)
+            removed.append(name)
+        except OSError as exc:
+            step = parse_step_name(name[len(QUARANTINE_PREFIX):].rsplit("-", 2)[0]) or 0
+            record = CheckpointRecord(step, f"{storage.url}/{name}", valid=False, problem="quarantined")
+            failed.append((record, str(exc)))
+    return removed
 
 
 def copy_checkpoints(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, step: int | None = None,

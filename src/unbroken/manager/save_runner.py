@@ -42,13 +42,20 @@ class SaveRunner:
     def busy(self) -> bool:
         return self._pending is not None and not self._pending[1].done()
 
-    def save(self, name: str, step: int, snap: Snapshot, manifest: Manifest) -> Future[Manifest] | None:
-        """Start saving ``snap``; ``None`` if skipped because a save is in flight (``when_busy="skip"``)."""
+    def skips(self, step: int) -> bool:
+        """Whether a save of ``step`` due now is skipped (with a warning): one is in flight and
+        ``when_busy="skip"``.  Decided once, before the caller collects the previous save's outcome."""
         if self.busy and self.when_busy == "skip":
             message = f"checkpoint for step {step} skipped: the previous save is still being written"
             warn(message, RuntimeWarning)
-            return None
-        self.wait()
+            return True
+        return False
+
+    def save(self, name: str, step: int, snap: Snapshot, manifest: Manifest) -> Future[Manifest]:
+        """Start saving ``snap``.  The caller collects the previous save first (:meth:`wait`), so that its
+        failure is reported as that save's, never raised as this one's."""
+        if self._pending is not None:
+            raise RuntimeError("internal error: a save started before the previous one was collected")
         with paused_gc():
             tensors = self._file_tensors(snap)
             plan = FilePlan.build(tensors)

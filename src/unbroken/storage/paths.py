@@ -7,15 +7,20 @@ import os
 from typing import Any
 
 from ..errors import CheckpointNotFoundError
-from .base import MANIFEST_FILE, Storage, parse_step_name
+from .base import MANIFEST_FILE, QUARANTINE_PREFIX, Storage, parse_step_name
 from .opening import is_url, open_storage
 
-__all__ = ["committed_steps", "split_checkpoint_path", "open_run", "is_checkpoint_dir"]
+__all__ = ["committed_steps", "quarantined_names", "split_checkpoint_path", "open_run", "is_checkpoint_dir"]
 
 
 def committed_steps(storage: Storage) -> list[int]:
     steps = (parse_step_name(n) for n in storage.names())
     return sorted(s for s in steps if s is not None)
+
+
+def quarantined_names(storage: Storage) -> list[str]:
+    """The checkpoints moved out of the way as corrupt (``corrupt-step_N-<time>-<id>``), oldest step first."""
+    return sorted(n for n in storage.names() if n.startswith(QUARANTINE_PREFIX))
 
 
 def split_checkpoint_path(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
