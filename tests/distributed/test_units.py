@@ -5,7 +5,9 @@ crafted sharded checkpoint whose pieces overlap or leave gaps."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,47 @@ def test_older_manifests_without_the_new_fields_still_read() -> None:
     doc.pop("manifest_crc32c")
     doc["format_version"] = "1.1"
     assert Manifest.from_json(seal(json.dumps(doc).encode()[:-1]), "old").rank_state is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["sharded"]["model/a"].update(shape=[2**20, 2**20]), "hold 9 elements, not the 1099511627776"),
+    (lambda d: d["sharded"]["model/a"]["shards"][1].update(offsets=[1, 0]), "overlap"),
+    (lambda d: (d["sharded"]["model/a"].update(shape=[4, 3]),
+                d["sharded"]["model/a"]["shards"][1].update(tensor="a@0", offsets=[2, 0], shape=[2, 3])),
+     "'a@0' is stored for two shards"),
+    (lambda d: d["tensors"]["a@0"].update(offsets=[80, 108]), "F32[2, 3], 24 bytes, but its offsets [80, 108) hold 28"),
+], ids=["larger-than-its-pieces", "overlapping-pieces", "one-stored-tensor-twice", "bytes-not-its-shape"])
+def test_a_sharded_tensor_is_never_larger_than_the_bytes_stored_for_it(edit: object, message: str) -> None:
+    """Every size a reader allocates for a sharded tensor is checked against its pieces when the
+    manifest is read: a 12 KB manifest must not be able to declare a terabyte."""
+    with pytest.raises(CorruptCheckpointError, match=re.escape(message)):
+        Manifest.from_json(_crafted(edit), "crafted")
+
+
+def _tiled(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], whole: tuple[int, ...]) -> bytes:
+    """The manifest of a sharded F32 tensor ``whole`` stored as one tensor per box."""
+    tensors, at = {}, 80
+    for i, (_, shape) in enumerate(boxes):
+        nbytes = math.prod(shape) * 4
+        tensors[f"p{i}"] = TensorEntry("rank00000.safetensors", "F32", shape, at, at + nbytes, 0)
+        at += nbytes
+    shards = tuple(ShardEntry(f"p{i}", offsets, shape) for i, (offsets, shape) in enumerate(boxes))
+    return _manifest(world_size=1, rank_state=None, files={"rank00000.safetensors": FileEntry(at, 0)},
+                     tensors=tensors, sharded={"model/a": ShardedTensor("F32", whole, shards)}).to_json()
+
+
+def test_many_pieces_are_checked_on_the_grid_their_boundaries_make() -> None:
+    grid = [((r, c), (1, 2)) for r in range(12) for c in (0, 2, 4)]  # 36 pieces: more than are compared pairwise
+    assert len(Manifest.from_json(_tiled(grid, (12, 6)), "grid").sharded["model/a"].shards) == 36
+    twice = grid[:-1] + [((0, 0), (1, 2))]  # the last cell's piece moved onto the first: as many elements
+    with pytest.raises(CorruptCheckpointError, match=r"the pieces at \[0, 0\]\+\[1, 2\] and at \[0, 0\]"):
+        Manifest.from_json(_tiled(twice, (12, 6)), "overlap")
+    # Bricks: each row's pieces start one column later than the row above's, so their boundaries cut the
+    # whole into 8 cells per piece.  They cover it exactly, but no DTensor layout looks like this.
+    starts = [sorted({0, *range(r, 64, 8)}) + [64] for r in range(8)]
+    bricks = [((r, a), (1, b - a)) for r, row in enumerate(starts) for a, b in zip(row, row[1:])]
+    with pytest.raises(CorruptCheckpointError, match="do not form a grid"):
+        Manifest.from_json(_tiled(bricks, (8, 64)), "bricks")
 
 
 def test_replicated_tensors_are_spread_evenly_and_deterministically() -> None:
@@ -184,6 +227,24 @@ def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_p
     plan = plan_load(manifest, {"model": torch.nn.Linear(2, 8, bias=False)}, 0, 1, strict=True)
     data = DirectSource().fetch(storage, "step_000000001", manifest, plan.needs)
     with pytest.raises(CorruptCheckpointError, match="overlap or leave part"):
+        build_tensors(plan, manifest, data)
+
+
+def test_assembling_a_sharded_tensor_allocates_nothing_before_its_pieces_are_checked(tmp_path: Path) -> None:
+    """The loader's own check (behind the manifest's): 65 pieces, more than are compared pair by pair,
+    declaring a [2**20, 2**20] tensor must be refused, not counted with a mask of that shape."""
+    from unbroken.distributed.load import build_tensors, plan_load
+    from unbroken.distributed.sources import DirectSource
+
+    unbroken.save(tmp_path / "run" / "step_000000001", {"model": torch.nn.Linear(2, 4, bias=False)}, rng=False)
+    manifest = Manifest.from_json((tmp_path / "run/step_000000001/manifest.json").read_bytes(), "t")
+    pieces = tuple(ShardEntry("model/weight", (4 * i, 0), (4, 2)) for i in range(65))
+    manifest.sharded["model/weight#s"] = ShardedTensor("F32", (2**20, 2**20), pieces)
+    manifest.state["model"]["value"]["weight"] = {"__tensor__": "model/weight#s"}
+    plan = plan_load(manifest, {"model": torch.nn.Linear(2**20, 2**20, bias=False, device="meta")}, 0, 1,
+                     strict=True)
+    data = DirectSource().fetch(LocalStorage(tmp_path / "run"), "step_000000001", manifest, plan.needs)
+    with pytest.raises(CorruptCheckpointError, match="hold 520 elements, not the 1099511627776"):
         build_tensors(plan, manifest, data)
 
 

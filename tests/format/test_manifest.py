@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tests.fuzzing import fuzz, mutate
 from tests.helpers import make_mlp, reseal, sealed_manifest
 from unbroken.errors import CorruptCheckpointError, UnsupportedFormatError
 from unbroken.format import FORMAT_VERSION, MANIFEST_NAME, FileEntry, Manifest, TensorEntry, check_file_name
+from unbroken.format.manifest import MAX_MANIFEST_CONTAINERS
 
 WHERE = "run/step_000000001/manifest.json"
 
@@ -233,6 +235,33 @@ def test_oversized_manifest_is_refused_before_parsing(monkeypatch: pytest.Monkey
 def test_deeply_nested_manifest_is_refused() -> None:
     raw = b'{"metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     _corrupt(raw)
+
+
+def test_a_manifest_of_millions_of_empty_arrays_is_refused_before_they_are_built() -> None:
+    """Parsing is bounded by structure, not only by bytes: 40 MB of "[]," would build 13M lists (1 GB)."""
+    raw = b"[" + b"[]," * (40_000_000 // 3) + b"[]]"
+    tracemalloc.start()
+    try:
+        message = _corrupt(raw, f"over the cap of {MAX_MANIFEST_CONTAINERS} (MAX_MANIFEST_CONTAINERS")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(raw), f"refusing it allocated {peak} bytes"
+    assert "13333335 JSON arrays and objects" in message
+
+
+def test_brackets_inside_strings_are_not_counted_as_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unbroken.format.manifest as manifest_module
+    plain = _manifest(metadata=None).to_json()
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_CONTAINERS", plain.count(b"[") + plain.count(b"{") + 10)
+    assert _parse(_doc(metadata='[{"[\\' * 100)).metadata == '[{"[\\' * 100
+    _corrupt(_doc(metadata=[[]] * 20), "MAX_MANIFEST_CONTAINERS")
+
+
+def test_a_trailing_newline_is_no_part_of_a_version_or_a_file_name() -> None:
+    _corrupt(_doc(format_version="1.2\n"), "format_version")
+    with pytest.raises(CorruptCheckpointError, match="not an allowed file name"):
+        check_file_name("rank00000.safetensors\n", WHERE)
 
 
 @pytest.mark.parametrize("field, value", [("file", ["rank00000.safetensors"]), ("dtype", {"F32": 1})])

@@ -485,3 +485,9 @@ def test_property_random_trees_roundtrip_exactly(value: Any) -> None:
     out, text = roundtrip(value)
     assert_exactly_equal(out, value)
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_a_key_that_is_a_tag_followed_by_a_newline_is_a_plain_key() -> None:
+    """Tags are matched whole: "__tuple__\n" is an ordinary dict key, both ways."""
+    assert decode({"__tuple__\n": [1, 2]}, _no_tensors) == {"__tuple__\n": [1, 2]}
+    assert encode({"__tuple__\n": 1}, "x", _no_tensors) == {"__tuple__\n": 1}

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..format import NAME_TO_DTYPE, Manifest, ShardEntry, TensorEntry
+from ..format.cover import cover_problem
 from ..format.values import Json
 from ..state import capture, restore_state
 from ..state.objects import Kind, classify
@@ -154,20 +155,13 @@ def _assemble(name: str, target: _Target, manifest: Manifest, data: dict[Need, t
 
 def _check_exact_cover(name: str, target: _Target) -> None:
     """The pieces must cover the box once: pairwise disjoint, and their volumes add up to the box's.
-    (Crafted offsets could otherwise leave part of the tensor uninitialised.)  Few pieces overlap one
-    box, so the pairwise check is cheap; beyond _MAX_PAIRWISE pieces a coverage mask is used."""
-    boxes = [piece.box for piece in target.pieces]
-    if len(boxes) > _MAX_PAIRWISE:
-        covered = torch.zeros(target.box[1], dtype=torch.int32)
-        for offsets, shape in boxes:
-            covered[tuple(slice(o - bo, o - bo + n) for o, bo, n in zip(offsets, target.box[0], shape))] += 1
-        exact = bool((covered == 1).all())
-    else:
-        exact = (sum(volume(b) for b in boxes) == volume(target.box)
-                 and not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]))
-    if not exact:
+    (Crafted offsets could otherwise leave part of the tensor uninitialised.)  The manifest already
+    checked this for the whole tensor; this is the same check on the part this rank assembles, and it
+    allocates nothing of the box's size (:mod:`unbroken.format.cover`)."""
+    problem = cover_problem([piece.box for piece in target.pieces], target.box, _MAX_PAIRWISE)
+    if problem is not None:
         raise CorruptCheckpointError(f"the saved pieces of {name!r} overlap or leave part of "
-                                     f"{list(target.box[0])}+{list(target.box[1])} uncovered")
+                                     f"{list(target.box[0])}+{list(target.box[1])} uncovered: {problem}")
 
 
 def _piece_rows(piece: _Piece, entry: TensorEntry, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -27,20 +27,28 @@ from crc32c import crc32c
 
 from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from .cover import cover_problem
 from .dtypes import ITEMSIZES
+from .header import MAX_NDIM
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "ShardEntry", "ShardedTensor", "Manifest",
-           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "check_file_name", "seal"]
+           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "check_file_name", "seal"]
 
 FORMAT_NAME = "unbroken-checkpoint"
 FORMAT_VERSION = "1.2"
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# Parsing builds an object per JSON value, and an empty array costs ~64 bytes for its 3 bytes of text:
+# 40 MB of "[]," would take 1 GB.  So the number of arrays and objects is capped too, far above what a
+# real checkpoint holds (a few per tensor and per shard: 1M tensors, or 1000 tensors each sharded over
+# 1024 ranks, stay under it); at the cap they cost ~0.6 GB.
+MAX_MANIFEST_CONTAINERS = 1 << 23
 CHECKSUM = "crc32c"
-_VERSION = re.compile(r"^([0-9]{1,6})\.([0-9]{1,6})$")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+_VERSION = re.compile(r"^([0-9]{1,6})\.([0-9]{1,6})\Z")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}\Z")
 _SEAL = re.compile(rb',"manifest_crc32c":([0-9]{1,10})\}\s*$')
 _SEALED_SINCE_MINOR = 1
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 MAX_BLOCKS = 1 << 24
 
 
@@ -148,6 +156,7 @@ class Manifest:
         if not raw.strip():
             raise CorruptCheckpointError(f"{where}: manifest is empty (the save was interrupted before commit)")
         sealed = _check_seal(raw, where)
+        _check_structure(raw, where)
         try:
             with paused_gc():
                 doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
@@ -196,6 +205,18 @@ def _check_seal(raw: bytes, where: str) -> bool:
     return True
 
 
+def _check_structure(raw: bytes, where: str) -> None:
+    """Refuse, before parsing, a manifest with more than MAX_MANIFEST_CONTAINERS arrays and objects."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_MANIFEST_CONTAINERS:  # an upper bound: strings counted too
+        return
+    bare = _STRING.sub(b'""', raw)  # brackets inside strings are not containers
+    count = bare.count(b"[") + bare.count(b"{")
+    if count > MAX_MANIFEST_CONTAINERS:
+        raise CorruptCheckpointError(f"{where}: manifest holds {count} JSON arrays and objects, over the cap of "
+                                     f"{MAX_MANIFEST_CONTAINERS} (MAX_MANIFEST_CONTAINERS; a real checkpoint holds a "
+                                     "few per tensor); refused before parsing it")
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
 
@@ -219,7 +240,8 @@ def _parse(doc: Any, where: str) -> Manifest:
     sharded_doc = doc.get("sharded", {})
     if not isinstance(sharded_doc, dict):
         raise CorruptCheckpointError(f"{where}: 'sharded' must be an object")
-    sharded = {n: _sharded_entry(e, n, tensors, where) for n, e in sharded_doc.items()}
+    claimed: set[str] = set()
+    sharded = {n: _sharded_entry(e, n, tensors, claimed, where) for n, e in sharded_doc.items()}
     return Manifest(
         step=_count(doc.get("step"), "step", where), created=float(created),
         world_size=world_size,
@@ -269,10 +291,16 @@ def _tensor_entry(entry: Any, name: str, files: dict[str, FileEntry], where: str
         raise CorruptCheckpointError(f"{where}: tensor {name!r} refers to unlisted file {file!r}")
     if not isinstance(dtype, str) or dtype not in ITEMSIZES:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not isinstance(offsets, list) or len(offsets) != 2:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed shape or offsets")
     dims = tuple(_count(d, f"shape of {name}", where) for d in shape)
     begin, end = (_count(o, f"offsets of {name}", where) for o in offsets)
+    # Sizes a reader allocates are derived from the shape: it must agree with the bytes stored (whose
+    # place in the file is checked against the file's own header before any of them is read).
+    if end - begin != math.prod(dims) * ITEMSIZES[dtype]:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} is {dtype}{list(dims)}, "
+                                     f"{math.prod(dims) * ITEMSIZES[dtype]} bytes, but its offsets [{begin}, {end}) "
+                                     f"hold {end - begin}")
     crc = _count(entry.get("crc32c"), f"crc32c of {name}", where)
     block_bytes, blocks = _blocks(entry, name, end - begin, where)
     return TensorEntry(file, dtype, dims, begin, end, crc, block_bytes, blocks)
@@ -290,17 +318,29 @@ def _blocks(entry: dict[str, Any], name: str, nbytes: int, where: str) -> tuple[
     return size, tuple(_count(c, f"block crc32c of {name}", where) for c in crcs)
 
 
-def _sharded_entry(entry: Any, name: str, tensors: dict[str, TensorEntry], where: str) -> ShardedTensor:
-    """A sharded tensor: every shard must be a listed tensor of the same dtype, inside the whole."""
+def _sharded_entry(entry: Any, name: str, tensors: dict[str, TensorEntry], claimed: set[str],
+                   where: str) -> ShardedTensor:
+    """A sharded tensor: every shard must be a listed tensor of the same dtype, inside the whole, stored
+    for no other shard (``claimed``: those seen so far), and the shards must cover the whole exactly
+    once.  So the whole is never larger than the bytes stored for it: a reader may allocate it."""
     if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
         raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} is malformed")
     if name in tensors:
         raise CorruptCheckpointError(f"{where}: {name!r} is both a tensor and a sharded tensor")
     dtype, shape = entry.get("dtype"), entry.get("shape")
-    if not isinstance(dtype, str) or dtype not in ITEMSIZES or not isinstance(shape, list):
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES or not isinstance(shape, list) or len(shape) > MAX_NDIM:
         raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} has a bad dtype or shape")
     dims = tuple(_count(d, f"shape of {name}", where) for d in shape)
     shards = tuple(_shard(s, name, dtype, dims, tensors, where) for s in entry["shards"])
+    problem = cover_problem([(s.offsets, s.shape) for s in shards], ((0,) * len(dims), dims))
+    if problem is not None:
+        raise CorruptCheckpointError(f"{where}: the shards of {name!r} {dtype}{list(dims)} do not cover it exactly "
+                                     f"once: {problem}")
+    for shard in shards:
+        if shard.tensor in claimed:
+            raise CorruptCheckpointError(f"{where}: tensor {shard.tensor!r} is stored for two shards "
+                                         f"(the second in {name!r}); each shard is stored once")
+        claimed.add(shard.tensor)
     placements, mesh = entry.get("placements", []), entry.get("mesh", [])
     if not (isinstance(placements, list) and all(isinstance(p, str) for p in placements) and isinstance(mesh, list)):
         raise CorruptCheckpointError(f"{where}: sharded tensor {name!r} has malformed placements or mesh")

@@ -38,7 +38,7 @@ GetTensor = Callable[[str], Any]  # a tensor, or a placeholder when only inspect
 MAX_DEPTH = 64
 _INT64 = 2**63
 _MAX_INT_HEX = 1 << 20  # a crafted "__int__" must not make decoding slow
-_TAG = re.compile(r"^__[a-z]+__$")
+_TAG = re.compile(r"^__[a-z]+__\Z")
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
