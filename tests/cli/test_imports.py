@@ -74,7 +74,7 @@ def test_ls_of_a_local_run_does_not_import_torch(run: Path) -> None:
     result, printed = cli("ls", str(run))
     assert result == {"code": 0, "torch": False}, printed
     rows = [line.split() for line in printed.splitlines()[1:]]
-    assert [row[0] for row in rows] == ["1", "2"] and all("yes" in row for row in rows)
+    assert [row[0] for row in rows] == ["1", "2"] and all("unverified" in row for row in rows)  # only manifests read
     result, printed = cli("ls", str(run), "--verify", "--json")
     assert result == {"code": 0, "torch": False}, printed
     assert [r["step"] for r in json.loads(printed)] == [1, 2]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import unbroken
@@ -27,6 +28,7 @@ _LIST_PREVIEW = 6
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _escape_unprintable_output()
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -40,6 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError) as exc:  # a bad -o option or URL, a missing fsspec backend
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # e.g. an OSError reading a damaged checkpoint: a message, never a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _escape_unprintable_output() -> None:
+    """Names come from manifests, which anyone can write: JSON allows a lone surrogate ("\\udc80"),
+    which no encoding can print.  Such characters are shown escaped (``\\udc80``) instead of ending
+    the command with a UnicodeEncodeError, in every message and table alike."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="backslashreplace")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,12 +108,12 @@ def _add_run(sub: Any) -> None:
 def _ls(args: argparse.Namespace) -> int:
     records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=storage_options(args))
     if args.json:
-        print(json.dumps([_record_json(r) for r in records], indent=1))
+        print(json.dumps([_record_json(r, args.verify) for r in records], indent=1))
         return 0 if all(r.valid for r in records) else 1
     rows = [("STEP", "AGE", "SIZE", "VALID", "METRICS")]
     for r in records:
-        metrics = " ".join(f"{k}={_number(v)}" for k, v in r.metrics.items())
-        rows.append((str(r.step), _age(r.created), _size(r.size), "yes" if r.valid else "NO", metrics))
+        metrics = " ".join(f"{_text(k)}={_number(v)}" for k, v in r.metrics.items())
+        rows.append((str(r.step), _age(r.created), _size(r.size), _status(r, args.verify), metrics))
     _print_table(rows)
     for r in records:
         if not r.valid:
@@ -108,21 +123,29 @@ def _ls(args: argparse.Namespace) -> int:
     return 0 if all(r.valid for r in records) else 1
 
 
-def _record_json(r: unbroken.CheckpointRecord) -> dict[str, Any]:
+def _status(record: unbroken.CheckpointRecord, verified: bool) -> str:
+    """The VALID column.  "yes" is a promise that every byte matched its checksum, so only --verify
+    gives it; without it only the manifest was read and checked."""
+    if not record.valid:
+        return "NO"
+    return "yes" if verified else "unverified"
+
+
+def _record_json(r: unbroken.CheckpointRecord, verified: bool) -> dict[str, Any]:
     return {"step": r.step, "path": r.path, "created": r.created, "size": r.size, "valid": r.valid,
-            "problem": r.problem, "metrics": {k: _number(v) for k, v in r.metrics.items()}}
+            "verified": verified and r.valid, "problem": r.problem,
+            "metrics": {k: _number(v) for k, v in r.metrics.items()}}
 
 
 def _show(args: argparse.Namespace) -> int:
     info = unbroken.read_info(args.checkpoint, storage_options(args))
     m = info.manifest
-    created = datetime.datetime.fromtimestamp(m.created).isoformat(sep=" ", timespec="seconds")
     print(f"checkpoint {args.checkpoint}")
-    print(f"  step {m.step}, created {created}, {_size(m.total_bytes)} in {len(m.files)} file(s), "
+    print(f"  step {m.step}, created {_time(m.created)}, {_size(m.total_bytes)} in {len(m.files)} file(s), "
           f"{len(m.tensors)} tensors, format {m.format_version}, world size {m.world_size}")
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     if info.metrics:
-        print("  metrics: " + ", ".join(f"{k}={_number(v)}" for k, v in info.metrics.items()))
+        print("  metrics: " + ", ".join(f"{_text(k)}={_number(v)}" for k, v in info.metrics.items()))
     if m.metadata is not None:
         print(f"  metadata: {_clip(json.dumps(m.metadata), args.values)}")
     for key, (kind, value) in info.state.items():
@@ -132,6 +155,13 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _time(created: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(created).isoformat(sep=" ", timespec="seconds")
+    except (OverflowError, ValueError, OSError):  # a manifest may say any finite number
+        return f"{created!r} (not a valid time)"
+
+
 def _show_tree(value: Any, indent: str, full: bool) -> None:
     children = _children(value)
     if children is None:
@@ -139,10 +169,10 @@ def _show_tree(value: Any, indent: str, full: bool) -> None:
         return
     for key, child in children:
         if _children(child):
-            print(f"{indent}{key}/")
+            print(f"{indent}{_text(key)}/")
             _show_tree(child, indent + "  ", full)
         else:
-            print(f"{indent}{key}: {_leaf(child, full)}")
+            print(f"{indent}{_text(key)}: {_leaf(child, full)}")
 
 
 def _children(value: Any) -> list[tuple[Any, Any]] | None:
@@ -159,7 +189,18 @@ def _leaf(value: Any, full: bool) -> str:
         return f"{value.dtype} {list(value.shape)}  {_size(value.nbytes)}"
     if not full and isinstance(value, (list, tuple)) and len(value) > _LIST_PREVIEW:
         return f"<{type(value).__name__} of {len(value)} items>"
-    return _clip(repr(value), full)
+    return _clip(_text(value, repr), full)
+
+
+def _text(value: Any, convert: Callable[[Any], str] = str) -> str:
+    """``convert(value)``, or a stand-in for an int too long to print (Python refuses to turn one of
+    more than 4300 digits into text; a manifest may hold one)."""
+    try:
+        return convert(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"<int of {value.bit_length()} bits>"
+        return f"<{type(value).__name__} holding an int too long to print>"
 
 
 def _clip(text: str, full: bool) -> str:
@@ -186,7 +227,7 @@ def _verify(args: argparse.Namespace) -> int:
         if not targets:
             print(f"no checkpoints in {args.path}", file=sys.stderr)
             return 1
-    bad = 0
+    bad = unreadable = 0
     for target in targets:
         try:
             record = unbroken.verify(target, options)
@@ -194,8 +235,12 @@ def _verify(args: argparse.Namespace) -> int:
         except (unbroken.CorruptCheckpointError, unbroken.CheckpointNotFoundError) as exc:
             bad += 1
             print(f"CORRUPT  {target}: {exc}")
-    print(f"{len(targets) - bad} valid, {bad} corrupt")
-    return 1 if bad else 0
+        except OSError as exc:  # not proven corrupt (a permission, a network error), but not verified either
+            unreadable += 1
+            print(f"UNREADABLE  {target}: {type(exc).__name__}: {exc}")
+    unread = f", {unreadable} unreadable" if unreadable else ""
+    print(f"{len(targets) - bad - unreadable} valid, {bad} corrupt{unread}")
+    return 1 if bad or unreadable else 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -221,21 +266,29 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _number(value: Any) -> Any:
+    """A metric for the table and for --json: a float to 6 digits, an int as it is.  unbroken writes no
+    other metrics; whatever a foreign manifest holds instead is shown as text, so it cannot fail either."""
     if isinstance(value, float):
         return f"{value:.6g}"
-    return value if not isinstance(value, dict) else json.dumps(value)
+    if isinstance(value, int) and not isinstance(value, bool) and _text(value).lstrip("-").isdigit():
+        return value
+    return _text(value, repr)
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+    if n < 1024:
+        return f"{n} B"
+    for power, unit in enumerate(("KB", "MB", "GB", "TB"), start=1):
+        if n < 1024 ** (power + 1) or unit == "TB":
+            try:
+                return f"{n / 1024 ** power:.1f} {unit}"
+            except OverflowError:  # a manifest may claim more bytes than a float holds
+                break
     return f"{n} B"
 
 
 def _age(created: float | None) -> str:
-    if created is None:
+    if created is None or not math.isfinite(created):
         return "-"
     seconds = max(0.0, time.time() - created)
     if seconds < 60:
