@@ -20,6 +20,7 @@ import torch
 import unbroken
 from tests import helpers
 from tests.mounts import bind_mount, tmpfs
+from tests.s3server import S3Run, S3Server
 from unbroken import CheckpointManager, CheckpointSkippedWarning, CorruptCheckpointError
 from unbroken.cli.main import main as cli_main
 
@@ -209,3 +210,74 @@ def _flaky_listing() -> Any:
 
     fsspec.register_implementation(FlakyListing.protocol, FlakyListing, clobber=True)
     return FlakyListing
+
+
+# -- on object storage (moto's S3 server on 127.0.0.1) ------------------------------------------------
+
+def test_on_save_error_warn_holds_when_the_store_is_unreachable(s3_run: S3Run, s3_server: S3Server) -> None:
+    state = make_state()
+    ckpt = CheckpointManager(s3_run.url, state, every_steps=1, async_save=False, on_save_error="warn",
+                             storage_options=s3_run.storage_options)
+    ckpt.step(1)
+    s3_server.stop()
+    try:
+        with pytest.warns(RuntimeWarning, match="checkpoint for step 2 failed, training continues"):
+            assert ckpt.step(2) is False
+        with pytest.warns(RuntimeWarning, match="checkpoint for step 3 failed, training continues"):
+            assert ckpt.step(3) is False
+    finally:
+        s3_server.start()
+    assert ckpt.step(4) is True
+    ckpt.close()
+    records = unbroken.list_checkpoints(s3_run.url, verify=True, storage_options=s3_run.storage_options)
+    assert [r.step for r in records if r.valid] == [1, 4]
+
+
+def corrupt_object(s3_server: S3Server, s3_run: S3Run, prefix: str) -> None:
+    """Flip the last byte of the checkpoint's tensor object, behind the code under test's back."""
+    client = s3_server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_run.bucket, Prefix=prefix)["Contents"]]
+    (key,) = [k for k in keys if not k.endswith("manifest.json")]
+    raw = bytearray(client.get_object(Bucket=s3_run.bucket, Key=key)["Body"].read())
+    raw[-1] ^= 0x10
+    client.put_object(Bucket=s3_run.bucket, Key=key, Body=bytes(raw))
+
+
+def test_a_corrupt_checkpoint_in_a_bucket_is_quarantined_and_its_step_saved_again(
+        s3_run: S3Run, s3_server: S3Server) -> None:
+    options = s3_run.storage_options
+    with CheckpointManager(s3_run.url, make_state(), async_save=False, storage_options=options) as ckpt:
+        ckpt.save(1)
+        ckpt.save(2)
+    corrupt_object(s3_server, s3_run, "run/step_000000002/")
+    ckpt = CheckpointManager(s3_run.url, make_state(9), every_steps=1, keep_last=1, async_save=False,
+                             storage_options=options)
+    with pytest.warns(CheckpointSkippedWarning, match="step_000000002"):
+        assert ckpt.restore() == 1
+    listing = s3_server.client().list_objects_v2(Bucket=s3_run.bucket, Prefix="run/")["Contents"]
+    moved = {o["Key"].split("/")[1] for o in listing if o["Key"].split("/")[1].startswith("corrupt-step_000000002-")}
+    assert len(moved) == 1, listing
+    assert ckpt.step(2) is True  # the step is free again
+    ckpt.close()
+    records = unbroken.list_checkpoints(s3_run.url, verify=True, storage_options=options)
+    assert [r.step for r in records if r.valid] == [2]
+
+
+def test_a_corrupt_local_checkpoint_is_replaced_by_the_mirrors_valid_copy(s3_run: S3Run, tmp_path: Path) -> None:
+    run = tmp_path / "local"
+    state = make_state()
+    with CheckpointManager(run, state, async_save=False, mirror_to=s3_run.url,
+                           mirror_options=s3_run.storage_options) as ckpt:
+        ckpt.save(1)
+        assert ckpt._mirror is not None and ckpt._mirror.wait(60)
+        helpers.train(state["model"], state["optimizer"], steps=1, seed=2)
+        ckpt.save(2)
+    newest = weights(state)
+    flip_tensor_byte(run / "step_000000002")
+    state = make_state(9)
+    with CheckpointManager(run, state, mirror_to=s3_run.url, mirror_options=s3_run.storage_options) as ckpt:
+        with pytest.warns(CheckpointSkippedWarning, match="step_000000002"):
+            assert ckpt.restore() == 2  # the bucket's copy, not the older local step 1
+    helpers.assert_exactly_equal(weights(state), newest)
+    assert len(quarantined(run, 2)) == 1
+    assert [r.step for r in unbroken.list_checkpoints(run, verify=True) if r.valid] == [1, 2]
