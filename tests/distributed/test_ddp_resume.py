@@ -74,3 +74,6 @@ def test_a_corrupt_byte_only_one_rank_reads_makes_every_rank_fall_back(tmp_path:
     for r in ranks:
         assert "START 2" in r.output(), r.output()
         assert "skipping checkpoint" in r.output() and "rank 1" in r.output() and "checksum mismatch" in r.output()
+    # Rank 0 quarantined it once every rank was done with it, so step 4 could be saved again.
+    assert len(list(run.glob("corrupt-step_000000004-*"))) == 1
+    assert [r.step for r in list_checkpoints(run, verify=True) if r.valid][-1] == 6

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from .._internal.warn import warn
@@ -23,6 +24,7 @@ from ..errors import (
     CorruptCheckpointError,
     DistributedError,
     StateMismatchError,
+    UnsupportedFormatError,
 )
 from ..format import Manifest
 from ..storage import Storage, parse_step_name, step_name
@@ -37,9 +39,13 @@ log = logging.getLogger("unbroken")
 
 
 def restore_by_ranks(world: World, storage: Storage, source: Source, state: MutableMapping[str, Any], strict: bool,
-                     rng: bool, step: int | None = None, path: str | os.PathLike[str] | None = None
-                     ) -> Manifest | None:
-    """Restore the newest valid checkpoint (or exactly ``step`` / ``path``) on every rank; None if none."""
+                     rng: bool, step: int | None = None, path: str | os.PathLike[str] | None = None,
+                     on_corrupt: Callable[[str, CorruptCheckpointError], object] | None = None) -> Manifest | None:
+    """Restore the newest valid checkpoint (or exactly ``step`` / ``path``) on every rank; None if none.
+
+    ``on_corrupt(name, error)`` runs on the coordinator for each checkpoint of the run that the ranks
+    skipped because some rank found it corrupt (the manager quarantines it), once every rank is done
+    reading it."""
     explicit = step is not None or path is not None
     if path is not None:
         storage, names = _at_path(world, path)
@@ -48,9 +54,11 @@ def restore_by_ranks(world: World, storage: Storage, source: Source, state: Muta
     else:
         names = _newest_first(world, storage)
     for name in names:
-        manifest = _attempt(world, storage, source, name, state, strict, rng, explicit)
+        manifest, corrupt = _attempt(world, storage, source, name, state, strict, rng, explicit)
         if manifest is not None:
             return manifest
+        if corrupt is not None and on_corrupt is not None and world.is_coordinator:
+            on_corrupt(name, corrupt)
     return None
 
 
@@ -88,7 +96,8 @@ def _newest_first(world: World, storage: Storage) -> list[str]:
 
 
 def _attempt(world: World, storage: Storage, source: Source, name: str, state: MutableMapping[str, Any],
-             strict: bool, rng: bool, explicit: bool) -> Manifest | None:
+             strict: bool, rng: bool, explicit: bool) -> tuple[Manifest | None, CorruptCheckpointError | None]:
+    """(the manifest restored on every rank, None) or (None, the corruption found, if that was why it was skipped)."""
     failure: Exception | None = None
     manifest: Manifest | None = None
     plan: LoadPlan | None = None
@@ -108,15 +117,15 @@ def _attempt(world: World, storage: Storage, source: Source, name: str, state: M
                 tensors = build_tensors(plan, manifest, data)
         except Exception as exc:
             failure = failure or exc
-    if _agree(world, failure, f"{storage.url}/{name}", explicit) or manifest is None or plan is None:
-        return None
+    skipped = _agree(world, failure, f"{storage.url}/{name}", explicit)
+    if skipped is not None or manifest is None or plan is None:
+        return None, skipped.damage if skipped is not None else None
     try:
         apply(plan, state, tensors, strict, rng, world.rank)
     except Exception as exc:
         failure = exc
-    if _agree(world, failure, f"{storage.url}/{name}", explicit):
-        return None
-    return manifest
+    skipped = _agree(world, failure, f"{storage.url}/{name}", explicit)
+    return (None, skipped.damage) if skipped is not None else (manifest, None)
 
 
 def _kind(exc: Exception) -> str:
@@ -125,13 +134,27 @@ def _kind(exc: Exception) -> str:
     return "mismatch" if isinstance(exc, StateMismatchError) else "error"
 
 
-def _agree(world: World, failure: Exception | None, where: str, explicit: bool) -> bool:
-    """Every rank's outcome; True to skip this checkpoint (on every rank), or raise on every rank."""
-    mine = None if failure is None else {"kind": _kind(failure), "error": f"{type(failure).__name__}: {failure}"}
+def _is_damage(exc: Exception) -> bool:
+    """Corruption of the checkpoint itself: not a newer format, which stays for a release that reads it."""
+    return isinstance(exc, CorruptCheckpointError) and not isinstance(exc, UnsupportedFormatError)
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """The ranks skip this checkpoint; ``damage`` is set when a rank found the checkpoint itself corrupt."""
+
+    damage: CorruptCheckpointError | None
+
+
+def _agree(world: World, failure: Exception | None, where: str, explicit: bool) -> _Skip | None:
+    """Every rank's outcome: None to go on, or :class:`_Skip` on every rank; raises on every rank when
+    a failure is not one to skip."""
+    mine = None if failure is None else {"kind": _kind(failure), "error": f"{type(failure).__name__}: {failure}",
+                                         "damage": _is_damage(failure)}
     every = world.control.all_gather_json(mine)
     bad = [(rank, v) for rank, v in enumerate(every) if v is not None]
     if not bad:
-        return False
+        return None
     fatal = [(rank, v) for rank, v in bad if v["kind"] != "skip"] or (bad if explicit else [])
     if fatal:
         if failure is not None and (explicit or _kind(failure) != "skip"):
@@ -142,4 +165,7 @@ def _agree(world: World, failure: Exception | None, where: str, explicit: bool) 
     rank, verdict = bad[0]
     message = f"skipping checkpoint {where}: rank {rank}: {verdict['error']}"
     warn(message, CheckpointSkippedWarning)
-    return True
+    damaged = [(r, v) for r, v in bad if v["damage"]]
+    if not damaged:
+        return _Skip(None)
+    return _Skip(CorruptCheckpointError(f"{where}: rank {damaged[0][0]}: {damaged[0][1]['error']}"))

@@ -10,6 +10,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, MutableMapping
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -121,8 +122,11 @@ class CheckpointManager:
         if self._dist is not None:  # every rank restores the same checkpoint, or none does
             if self._mirror is not None:  # rank 0: it lists the run for every rank after this download
                 self._mirror.fetch(step)
-            return self._resumed(self._dist.restore(self.storage, self.state, strict, self.config.capture_rng,
-                                                    step=step, path=path))
+            restored = self._dist.restore(self.storage, self.state, strict, self.config.capture_rng, step=step,
+                                          path=path, on_corrupt=partial(quarantine, self.storage))
+            if restored is not None and path is None:
+                self._verified_step = restored.step
+            return self._resumed(restored)
         removed = self.storage.cleanup()
         if removed:
             log.info("removed abandoned staging/trash areas: %s", ", ".join(removed))

@@ -18,6 +18,7 @@ from typing import Any
 from ..distributed.resume import restore_by_ranks
 from ..distributed.sources import BroadcastSource, DirectSource, Source
 from ..distributed.world import DEFAULT_TIMEOUT_S, World
+from ..errors import CorruptCheckpointError
 from ..format import Manifest
 from ..storage import Storage
 from .rank_saver import DistributedSaver
@@ -49,10 +50,13 @@ class DistributedRun:
         return BroadcastSource(self.world.control) if self.restore_mode == "broadcast" else DirectSource()
 
     def restore(self, storage: Storage, state: MutableMapping[str, Any], strict: bool, rng: bool,
-                step: int | None = None, path: str | os.PathLike[str] | None = None) -> Manifest | None:
-        """Collective: every rank restores the same checkpoint (see :mod:`unbroken.distributed.resume`)."""
+                step: int | None = None, path: str | os.PathLike[str] | None = None,
+                on_corrupt: Callable[[str, CorruptCheckpointError], object] | None = None) -> Manifest | None:
+        """Collective: every rank restores the same checkpoint (see :mod:`unbroken.distributed.resume`);
+        ``on_corrupt`` runs on the coordinator for each checkpoint skipped as corrupt."""
         self.last_source = self.source()
-        return restore_by_ranks(self.world, storage, self.last_source, state, strict, rng, step=step, path=path)
+        return restore_by_ranks(self.world, storage, self.last_source, state, strict, rng, step=step, path=path,
+                                on_corrupt=on_corrupt)
 
     def schedule(self, schedule: SaveSchedule) -> SaveSchedule:
         """``schedule`` whose time-based decisions every rank takes together (clocks differ)."""
