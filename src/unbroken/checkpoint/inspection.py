@@ -14,7 +14,7 @@ from ..format.values import decode
 from ..io import read_manifest, verify_checkpoint
 from ..storage import is_url
 from ..storage.paths import is_checkpoint_dir, open_run, split_checkpoint_path
-from .listing import CheckpointRecord, check_named_step, decode_metrics, record_of, scan
+from .listing import CheckpointRecord, check_named_step, decode_metrics, record_of, scan, scan_quarantined
 
 __all__ = ["list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo"]
 
@@ -25,10 +25,13 @@ def is_checkpoint(path: str | os.PathLike[str], storage_options: dict[str, Any] 
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str], verify: bool = False,
-                     storage_options: dict[str, Any] | None = None) -> list[CheckpointRecord]:
+                     storage_options: dict[str, Any] | None = None, quarantined: bool = False
+                     ) -> list[CheckpointRecord]:
     """Every ``step_*`` checkpoint of ``run_dir`` (a path or URL), oldest first; ``verify`` checks
-    every checksum.  ``storage_options`` go to fsspec for URLs (credentials, endpoint)."""
-    return scan(open_run(run_dir, storage_options), verify=verify)
+    every checksum.  ``quarantined`` adds the checkpoints set aside as corrupt (``quarantined=True``
+    on their records), after the others.  ``storage_options`` go to fsspec for URLs (credentials, endpoint)."""
+    storage = open_run(run_dir, storage_options)
+    return scan(storage, verify=verify) + (scan_quarantined(storage) if quarantined else [])
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ from ..format import Manifest
 from ..format.values import decode
 from ..io import read_manifest, verify_checkpoint
 from ..storage import Storage, parse_step_name, step_name
+from ..storage.base import parse_quarantine_name
+from ..storage.paths import quarantined_names
 
-__all__ = ["CheckpointRecord", "scan", "record_of", "check_named_step", "with_newest_verified"]
+__all__ = ["CheckpointRecord", "scan", "record_of", "check_named_step", "with_newest_verified",
+           "scan_quarantined"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class CheckpointRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     valid: bool = True
     problem: str | None = None
+    #: Moved out of the run's checkpoints as corrupt (``path`` is its ``corrupt-step_N-...`` directory):
+    #: never restored or counted by retention, kept for inspection, removed by ``prune --invalid``.
+    quarantined: bool = False
 
 
 def record_of(storage: Storage, name: str, manifest: Manifest) -> CheckpointRecord:
@@ -68,6 +74,20 @@ def with_newest_verified(storage: Storage, records: list[CheckpointRecord]) -> l
         except CorruptCheckpointError as exc:
             checked[index] = replace(record, valid=False, problem=str(exc))
     return checked
+
+
+def scan_quarantined(storage: Storage) -> list[CheckpointRecord]:
+    """The run's quarantined checkpoints, oldest step first (``created`` is when each was quarantined)."""
+    records = []
+    for name in quarantined_names(storage):
+        parsed = parse_quarantine_name(name)
+        if parsed is None:
+            continue  # not a name we made: leave it alone
+        step, when = parsed
+        records.append(CheckpointRecord(step=step, path=f"{storage.url}/{name}", created=when, valid=False,
+                                        problem="quarantined as corrupt: kept for inspection, never restored; "
+                                                "remove with unbroken prune --invalid", quarantined=True))
+    return sorted(records, key=lambda r: (r.step, r.created or 0.0))
 
 
 def scan(storage: Storage, verify: bool = False) -> list[CheckpointRecord]:

@@ -106,26 +106,34 @@ def _add_run(sub: Any) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=storage_options(args))
+    records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=storage_options(args),
+                                        quarantined=True)
+    # A quarantined checkpoint is damage already dealt with: listed, but not a reason to fail.
+    ok = all(r.valid or r.quarantined for r in records)
     if args.json:
         print(json.dumps([_record_json(r, args.verify) for r in records], indent=1))
-        return 0 if all(r.valid for r in records) else 1
+        return 0 if ok else 1
     rows = [("STEP", "AGE", "SIZE", "VALID", "METRICS")]
     for r in records:
         metrics = " ".join(f"{_text(k)}={_number(v)}" for k, v in r.metrics.items())
-        rows.append((str(r.step), _age(r.created), _size(r.size), _status(r, args.verify), metrics))
+        if r.quarantined:
+            metrics = r.path.rsplit("/", 1)[-1]
+        rows.append((str(r.step), _age(r.created), _size(r.size) if not r.quarantined else "-",
+                     _status(r, args.verify), metrics))
     _print_table(rows)
     for r in records:
         if not r.valid:
             print(f"step {r.step}: {r.problem}", file=sys.stderr)
     if not records:
         print(f"(no checkpoints in {args.run_dir})")
-    return 0 if all(r.valid for r in records) else 1
+    return 0 if ok else 1
 
 
 def _status(record: unbroken.CheckpointRecord, verified: bool) -> str:
     """The VALID column.  "yes" is a promise that every byte matched its checksum, so only --verify
     gives it; without it only the manifest was read and checked."""
+    if record.quarantined:
+        return "quarantined"
     if not record.valid:
         return "NO"
     return "yes" if verified else "unverified"
@@ -133,7 +141,7 @@ def _status(record: unbroken.CheckpointRecord, verified: bool) -> str:
 
 def _record_json(r: unbroken.CheckpointRecord, verified: bool) -> dict[str, Any]:
     return {"step": r.step, "path": r.path, "created": r.created, "size": r.size, "valid": r.valid,
-            "verified": verified and r.valid, "problem": r.problem,
+            "verified": verified and r.valid, "quarantined": r.quarantined, "problem": r.problem,
             "metrics": {k: _number(v) for k, v in r.metrics.items()}}
 
 

@@ -7,6 +7,7 @@ file is durable before the manifest exists, so a present, valid manifest means a
 
 from __future__ import annotations
 
+import calendar
 import re
 import time
 import uuid
@@ -14,7 +15,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 __all__ = ["Storage", "Staging", "WriteHandle", "ReadHandle", "STEP_NAME", "MANIFEST_FILE", "QUARANTINE_PREFIX",
-           "step_name", "parse_step_name", "quarantine_name"]
+           "step_name", "parse_step_name", "quarantine_name", "parse_quarantine_name"]
 
 STEP_NAME = re.compile(r"^step_([0-9]{9,})\Z")  # ASCII digits only; \Z: $ also matches before a final "\n"
 # The file whose presence commits a checkpoint (the format layer names it too: format.MANIFEST_NAME).
@@ -22,6 +23,7 @@ MANIFEST_FILE = "manifest.json"
 # A checkpoint found corrupt is moved to "corrupt-<its name>-<UTC time>-<id>": outside the step_*
 # namespace, so nothing counts or restores it, and its step name is free for a new save.
 QUARANTINE_PREFIX = "corrupt-"
+_QUARANTINE_NAME = re.compile(r"corrupt-step_([0-9]{9,})-([0-9]{8}T[0-9]{6}Z)-[0-9a-f]{6}")
 
 
 def step_name(step: int) -> str:
@@ -32,6 +34,18 @@ def quarantine_name(name: str, now: float) -> str:
     """A fresh quarantine name for checkpoint ``name`` at time ``now`` (unique even within one second)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     return f"{QUARANTINE_PREFIX}{name}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def parse_quarantine_name(name: str) -> tuple[int, float] | None:
+    """(step, UNIX time of the quarantine) of a name made by :func:`quarantine_name`, else None."""
+    match = _QUARANTINE_NAME.fullmatch(name)
+    if match is None:
+        return None
+    try:
+        when = calendar.timegm(time.strptime(match.group(2), "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return None
+    return int(match.group(1)), float(when)
 
 
 def parse_step_name(name: str) -> int | None:
