@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .checkpoint.oneshot import load, save
     from .data import DataLoader, ResumableSampler
     from .manager.checkpoint_manager import CheckpointManager
-    from .manager.maintenance import PruneResult, copy_checkpoints, prune
+    from .manager.maintenance import PruneResult, copy_checkpoints, prune, quarantine_corrupt
     from .manager.preemption import EXIT_PREEMPTED, Preempted
     from .manager.retention import KeepBest, KeepEvery, KeepLast
 
@@ -56,7 +56,7 @@ _LAZY = {
     "DataLoader": "data", "ResumableSampler": "data",
     "Preempted": "manager.preemption", "EXIT_PREEMPTED": "manager.preemption",
     "prune": "manager.maintenance", "PruneResult": "manager.maintenance",
-    "copy_checkpoints": "manager.maintenance",
+    "copy_checkpoints": "manager.maintenance", "quarantine_corrupt": "manager.maintenance",
 }
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
     "RunDirectoryReplacedError", "DistributedError",
     "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
+    "quarantine_corrupt",
 ]
 
 

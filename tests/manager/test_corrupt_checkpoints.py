@@ -281,3 +281,20 @@ def test_a_corrupt_local_checkpoint_is_replaced_by_the_mirrors_valid_copy(s3_run
     helpers.assert_exactly_equal(weights(state), newest)
     assert len(quarantined(run, 2)) == 1
     assert [r.step for r in unbroken.list_checkpoints(run, verify=True) if r.valid] == [1, 2]
+
+
+def test_verify_quarantine_sets_aside_what_verify_found_corrupt(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    save_steps(run, (10, 20, 30))
+    flip_tensor_byte(run / "step_000000020")
+    assert cli_main(["verify", str(run)]) == 1  # plain verify reads, never moves
+    assert steps_on_disk(run) == [10, 20, 30]
+    capsys.readouterr()
+    assert cli_main(["verify", str(run), "--quarantine"]) == 1
+    out = capsys.readouterr().out
+    (moved,) = quarantined(run, 20)
+    assert f"quarantined step 20 as {moved.name}" in out and steps_on_disk(run) == [10, 30], out
+    assert cli_main(["verify", str(run)]) == 0
+    with CheckpointManager(run, make_state()), pytest.raises(unbroken.RunLockedError):
+        unbroken.quarantine_corrupt(run)  # never under a live manager

@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(run=_show)
     verify = sub.add_parser("verify", help="check every byte of a checkpoint (or of every checkpoint of a run)")
     verify.add_argument("path")
+    verify.add_argument("--quarantine", action="store_true",
+                        help="move the corrupt checkpoints of a run out of the way (corrupt-step_N-...), as "
+                             "restore does: never restored or counted again, their steps can be saved anew")
     add_storage_option(verify)
     verify.set_defaults(run=_verify)
     add_prune(sub)
@@ -236,19 +239,32 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"no checkpoints in {args.path}", file=sys.stderr)
             return 1
     bad = unreadable = 0
+    corrupt: list[int] = []
     for target in targets:
         try:
             record = unbroken.verify(target, options)
             print(f"OK       {target}  step {record.step}, {_size(record.size)} verified")
         except (unbroken.CorruptCheckpointError, unbroken.CheckpointNotFoundError) as exc:
             bad += 1
+            corrupt.append(_step_of(target))
             print(f"CORRUPT  {target}: {exc}")
         except OSError as exc:  # not proven corrupt (a permission, a network error), but not verified either
             unreadable += 1
             print(f"UNREADABLE  {target}: {type(exc).__name__}: {exc}")
     unread = f", {unreadable} unreadable" if unreadable else ""
     print(f"{len(targets) - bad - unreadable} valid, {bad} corrupt{unread}")
+    if args.quarantine and bad:
+        if len(targets) == 1 and targets[0] == args.path:
+            print("--quarantine applies to a run directory, not to one checkpoint", file=sys.stderr)
+            return 2
+        for step, name, _ in unbroken.quarantine_corrupt(args.path, corrupt, storage_options=options):
+            print(f"quarantined step {step} as {name}")
     return 1 if bad or unreadable else 0
+
+
+def _step_of(path: str) -> int:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return int(name[len("step_"):]) if name.startswith("step_") and name[len("step_"):].isdigit() else -1
 
 
 def _run(args: argparse.Namespace) -> int:

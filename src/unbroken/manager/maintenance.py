@@ -1,4 +1,5 @@
-"""Looking after a run outside training: prune it by retention rules, copy its checkpoints elsewhere.
+"""Looking after a run outside training: prune it by retention rules, quarantine its corrupt
+checkpoints, copy its checkpoints elsewhere.
 
 Both work on local paths and URLs.  Pruning a local run takes its run lock, so it never runs under
 a live manager (which applies its own retention).  A copy is committed at the destination like a
@@ -8,19 +9,22 @@ save (manifest last) and verified; steps the destination already has are not cop
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint.listing import CheckpointRecord, scan, with_newest_verified
+from ..checkpoint.listing import CheckpointRecord, check_named_step, scan, with_newest_verified
 from ..checkpoint.transfer import CopyResult, copy_checkpoint
+from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from ..io import verify_checkpoint
 from ..storage import LocalStorage, Storage, is_url, parse_step_name, step_name
 from ..storage.base import QUARANTINE_PREFIX
 from ..storage.paths import open_run, quarantined_names
+from .quarantine import quarantine
 from .retention import RetentionPolicy, expired, policies_from
 from .runlock import RunLock
 
-__all__ = ["PruneResult", "prune", "copy_checkpoints"]
+__all__ = ["PruneResult", "prune", "quarantine_corrupt", "copy_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,37 @@ def _remove_quarantined(storage: Storage, dry_run: bool, failed: list[tuple[Chec
             record = CheckpointRecord(step, f"{storage.url}/{name}", valid=False, problem="quarantined")
             failed.append((record, str(exc)))
     return removed
+
+
+def quarantine_corrupt(run_dir: str | os.PathLike[str], steps: Iterable[int] | None = None, *,
+                       storage_options: dict[str, Any] | None = None) -> list[tuple[int, str, str]]:
+    """Verify every checkpoint of the run (or only ``steps``) and quarantine those found corrupt, as
+    restore() does: moved to ``corrupt-step_N-<time>-<id>``, never restored or counted again, their
+    steps free to be saved anew.  Takes the run lock (never under a live manager).  A newer format or
+    a checkpoint that cannot be read just now is left alone.  Returns (step, new name, problem) each."""
+    storage = open_run(run_dir, storage_options)
+    lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
+    if lock is not None:
+        lock.acquire(0, take_over=False)
+    try:
+        wanted = set(steps) if steps is not None else None
+        moved = []
+        for record in scan(storage):
+            if wanted is not None and record.step not in wanted:
+                continue
+            name = step_name(record.step)
+            try:
+                check_named_step(storage, name, verify_checkpoint(storage, name))
+            except UnsupportedFormatError:
+                continue
+            except CorruptCheckpointError as exc:
+                new_name = quarantine(storage, name, exc)
+                if new_name is not None:
+                    moved.append((record.step, new_name, str(exc)))
+        return moved
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def copy_checkpoints(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, step: int | None = None,
