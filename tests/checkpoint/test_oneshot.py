@@ -36,6 +36,15 @@ def test_save_never_overwrites(tmp_path: Path) -> None:
     assert state["x"] == 1
 
 
+def test_a_path_named_for_a_step_must_hold_that_step(tmp_path: Path) -> None:
+    """A run resumes from step_N by its name: saving another step there would plant a checkpoint that
+    the run must treat as corrupt."""
+    with pytest.raises(ValueError, match=r"named for step 5 but step=0; pass step=5"):
+        unbroken.save(tmp_path / "run" / "step_000000005", {"x": 1})
+    assert not (tmp_path / "run" / "step_000000005").exists()
+    assert unbroken.save(tmp_path / "run" / "step_000000005", {"x": 1}, step=5).step == 5
+
+
 def test_load_from_a_run_directory_uses_the_newest_valid(tmp_path: Path) -> None:
     ckpt = SyncManager(tmp_path, {"x": 1}, every_steps=1, save_on_close=False)
     ckpt.step(1)

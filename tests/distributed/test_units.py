@@ -219,7 +219,7 @@ def test_overlapping_or_missing_pieces_of_a_crafted_checkpoint_are_refused(tmp_p
 
     model = torch.nn.Linear(2, 4, bias=False)
     storage = LocalStorage(tmp_path / "run")
-    unbroken.save(tmp_path / "run" / "step_000000001", {"model": model}, rng=False)
+    unbroken.save(tmp_path / "run" / "step_000000001", {"model": model}, step=1, rng=False)
     manifest = Manifest.from_json((tmp_path / "run/step_000000001/manifest.json").read_bytes(), "t")
     pieces = (ShardEntry("model/weight", (0, 0), (4, 2)), ShardEntry("model/weight", (2, 0), (4, 2)))
     manifest.sharded["model/weight#s"] = ShardedTensor("F32", (8, 2), pieces)  # rows 2-3 twice, 6-7 never
@@ -236,7 +236,8 @@ def test_assembling_a_sharded_tensor_allocates_nothing_before_its_pieces_are_che
     from unbroken.distributed.load import build_tensors, plan_load
     from unbroken.distributed.sources import DirectSource
 
-    unbroken.save(tmp_path / "run" / "step_000000001", {"model": torch.nn.Linear(2, 4, bias=False)}, rng=False)
+    unbroken.save(tmp_path / "run" / "step_000000001", {"model": torch.nn.Linear(2, 4, bias=False)}, step=1,
+                  rng=False)
     manifest = Manifest.from_json((tmp_path / "run/step_000000001/manifest.json").read_bytes(), "t")
     pieces = tuple(ShardEntry("model/weight", (4 * i, 0), (4, 2)) for i in range(65))
     manifest.sharded["model/weight#s"] = ShardedTensor("F32", (2**20, 2**20), pieces)

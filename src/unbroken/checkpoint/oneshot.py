@@ -7,7 +7,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from ..errors import CheckpointExistsError, CheckpointNotFoundError
-from ..storage import LocalStorage, is_url
+from ..storage import LocalStorage, is_url, parse_step_name
 from ..storage.paths import is_checkpoint_dir, open_run, split_checkpoint_path
 from .listing import CheckpointRecord, record_of
 from .newest import restore_newest
@@ -19,7 +19,14 @@ __all__ = ["save", "load"]
 def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int = 0,
          metrics: Mapping[str, Any] | None = None, metadata: Any = None, rng: bool = True,
          storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
-    """Save ``state`` as the checkpoint directory (or URL) ``path`` (crash-safe; never overwrites)."""
+    """Save ``state`` as the checkpoint directory (or URL) ``path`` (crash-safe; never overwrites).
+
+    A path named like a run's checkpoint (``step_N``) must hold step N (``step=N``): a run resumes
+    from such a directory by its name, and treats one whose manifest disagrees as corrupt."""
+    named = parse_step_name(os.fspath(path).rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1])
+    if named is not None and named != step:
+        raise ValueError(f"{os.fspath(path)} is named for step {named} but step={step}; pass step={named}, or "
+                         "choose a name that is not step_<number> (runs resume from those by their name)")
     if is_url(path):
         parent, _, name = os.fspath(path).rstrip("/").rpartition("/")
         storage = open_run(parent, storage_options, create=True)
