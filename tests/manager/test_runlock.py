@@ -163,11 +163,15 @@ def test_a_symlinked_lock_file_is_not_followed(tmp_path: Path) -> None:
     assert victim.read_text() == "precious"
 
 
-def test_a_writer_whose_run_directory_was_deleted_never_touches_the_next_runs_checkpoints(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_save_error", ["raise", "warn"])
+def test_a_writer_whose_run_directory_was_deleted_never_touches_the_next_runs_checkpoints(
+        tmp_path: Path, on_save_error: str) -> None:
     """rm -rf run under writer A takes A's lock with it; job B then locks the new run at that path.
-    A must stop writing there: no checkpoint of A's lands in B's run, and A's retention deletes none of B's."""
+    A must stop writing there: no checkpoint of A's lands in B's run, and A's retention deletes none of B's.
+    It stops even with on_save_error="warn": no later save of A's could ever succeed."""
     run = tmp_path / "run"
-    first = CheckpointManager(run, {"w": torch.ones(4)}, every_steps=1, keep_last=3, async_save=False)
+    first = CheckpointManager(run, {"w": torch.ones(4)}, every_steps=1, keep_last=3, async_save=False,
+                              on_save_error=on_save_error)
     for step in range(1, 4):
         first.step(step)
     shutil.rmtree(run)

@@ -20,7 +20,13 @@ from ..checkpoint.listing import CheckpointRecord, record_of, scan
 from ..checkpoint.newest import restore_newest, restore_step
 from ..checkpoint.single import build_manifest, load_checkpoint
 from ..data import make_resumable, needs_adoption
-from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError, UnbrokenError
+from ..errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    RunDirectoryReplacedError,
+    StorageError,
+    UnbrokenError,
+)
 from ..format import Manifest
 from ..state import capture, check_state_keys
 from ..storage import LocalStorage, Storage, is_url, open_storage, parse_step_name, step_name
@@ -276,8 +282,11 @@ class CheckpointManager:
         """Raise a failed save's error, or with ``on_save_error="warn"`` turn an I/O failure into a warning.
 
         Only I/O failures are downgraded: the next scheduled save tries again, and the earlier
-        checkpoints are intact.  A bug (unserializable state) must still stop the run."""
-        if not (isinstance(exc, StorageError) and self.config.on_save_error == "warn"):
+        checkpoints are intact.  A bug (unserializable state) must still stop the run, and so must a
+        run directory deleted or replaced under us: no later save can succeed, and the path may now
+        be another job's."""
+        if isinstance(exc, RunDirectoryReplacedError) or not (
+                isinstance(exc, StorageError) and self.config.on_save_error == "warn"):
             raise exc
         message = f"checkpoint for step {step} failed, training continues: {exc}"
         warn(message, RuntimeWarning)
@@ -314,6 +323,8 @@ class CheckpointManager:
             try:
                 self.storage.delete(step_name(record.step))
                 log.info("retention: deleted checkpoint step %d", record.step)
+            except RunDirectoryReplacedError:
+                raise  # not ours to delete from any more: one error, not a warning per checkpoint
             except OSError as exc:  # a failed delete costs disk space, never the run
                 message = f"retention: could not delete checkpoint step {record.step}: {exc}"
                 warn(message, RuntimeWarning)
