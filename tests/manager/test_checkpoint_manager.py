@@ -183,8 +183,8 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path: Path) -> 
     fresh = make_state(seed=9)
     with pytest.warns(CheckpointSkippedWarning, match=r"step_000000004.*checksum mismatch"):
         assert SyncManager(tmp_path, fresh).restore() == 2
-    records = unbroken.list_checkpoints(tmp_path, verify=True)
-    assert [(r.step, r.valid) for r in records] == [(2, True), (4, False)]
+    records = unbroken.list_checkpoints(tmp_path, verify=True, quarantined=True)
+    assert [(r.step, r.valid, r.quarantined) for r in records] == [(2, True, False), (4, False, True)]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty_manifest", "no_manifest", "delete_data"])
@@ -397,6 +397,8 @@ def test_a_load_that_fails_midway_falls_back_or_raises_never_starts_fresh(tmp_pa
     live = {"model": make_state(seed=4)["model"], "zz": Fragile()}
     with pytest.warns(CheckpointSkippedWarning, match=r"'zz' could not be loaded.*already overwritten: \['model'\]"):
         assert SyncManager(tmp_path, live).restore() == 1
+    # Every byte verified; a live object refused it: the checkpoint is not damaged, so not quarantined.
+    assert (tmp_path / "step_000000002").is_dir() and not list(tmp_path.glob("corrupt-*"))
     (tmp_path / "step_000000001" / "manifest.json").unlink()
     with pytest.warns(CheckpointSkippedWarning):
         with pytest.raises(unbroken.PartialRestoreError, match="already overwritten"):

@@ -21,7 +21,7 @@ from ..storage import Storage, step_name
 from ..storage.paths import committed_steps
 from .single import load_checkpoint
 
-__all__ = ["restore_newest", "restore_step", "OnCorrupt"]
+__all__ = ["restore_newest", "restore_step", "OnCorrupt", "is_damage"]
 
 log = logging.getLogger("unbroken")
 
@@ -55,8 +55,7 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
                 if isinstance(exc, PartialRestoreError):
                     partial = exc  # an older checkpoint overwrites every entry again; a fresh start would not
                 _skipped(storage, name, exc)
-                # A newer format is not corruption: it stays for the release that can read it.
-                if isinstance(exc, UnsupportedFormatError) or on_corrupt is None or not on_corrupt(name, exc):
+                if not is_damage(exc) or on_corrupt is None or not on_corrupt(name, exc):
                     break
                 if attempt == 0:
                     log.info("retrying %s/%s with the copy put in its place", storage.url, name)
@@ -72,6 +71,13 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
     if unreadable is not None:
         raise unreadable
     return None
+
+
+def is_damage(exc: CorruptCheckpointError) -> bool:
+    """Whether the checkpoint itself is damaged (what the manager quarantines).  Not a newer format (a
+    newer release reads it), and not a live object refusing data that verified (PartialRestoreError:
+    every checksum matched before it was loaded; the training code may be what changed)."""
+    return not isinstance(exc, (UnsupportedFormatError, PartialRestoreError))
 
 
 def _skipped(storage: Storage, name: str, exc: Exception) -> None:

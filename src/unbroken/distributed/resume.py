@@ -23,6 +23,7 @@ from ..errors import (
     CheckpointSkippedWarning,
     CorruptCheckpointError,
     DistributedError,
+    PartialRestoreError,
     StateMismatchError,
     UnsupportedFormatError,
 )
@@ -135,8 +136,10 @@ def _kind(exc: Exception) -> str:
 
 
 def _is_damage(exc: Exception) -> bool:
-    """Corruption of the checkpoint itself: not a newer format, which stays for a release that reads it."""
-    return isinstance(exc, CorruptCheckpointError) and not isinstance(exc, UnsupportedFormatError)
+    """Corruption of the checkpoint itself: not a newer format, which stays for a release that reads it,
+    nor a live object refusing data that verified (PartialRestoreError)."""
+    return isinstance(exc, CorruptCheckpointError) and not isinstance(exc, (UnsupportedFormatError,
+                                                                             PartialRestoreError))
 
 
 @dataclass(frozen=True)

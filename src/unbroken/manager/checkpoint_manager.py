@@ -158,7 +158,11 @@ class CheckpointManager:
         if quarantine(self.storage, name, problem) is None or self._mirror is None:
             return False
         step = parse_step_name(name)
-        return step is not None and self._mirror.fetch(step) is not None
+        try:
+            return step is not None and self._mirror.fetch(step) is not None
+        except (OSError, UnbrokenError) as exc:  # an older local checkpoint is still there to resume from
+            warn(f"mirror: could not fetch a copy of {name} from {self._mirror.remote.url}: {exc}", RuntimeWarning)
+            return False
 
     def _resumed(self, manifest: Manifest | None) -> int:
         if manifest is None:
