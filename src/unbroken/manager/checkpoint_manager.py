@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, MutableMapping
 from functools import partial
@@ -29,14 +27,15 @@ from ..errors import (
 )
 from ..format import Manifest
 from ..state import capture, check_state_keys
-from ..storage import LocalStorage, Storage, is_url, open_storage, parse_step_name, step_name
-from ..storage.paths import is_checkpoint_dir, split_checkpoint_path
+from ..storage import LocalStorage, Storage, open_storage, step_name
+from ..storage.paths import split_checkpoint_path
 from .mirror import Mirror
 from .options import ManagerOptions, takes_options
 from .preemption import EXIT_PREEMPTED, Preempted, Stops, absolute_deadline, parse_signals, write_stop_marker
-from .quarantine import quarantine
+from .quarantine import quarantine, repair_from
 from .ranks import DistributedRun, attach
 from .retention import expired
+from .run_directory import open_run_directory
 from .runlock import RunLock
 from .save_runner import SaveRunner
 
@@ -76,7 +75,7 @@ class CheckpointManager:
         check_state_keys(state)
         self.state = state
         # storage_options (credentials, endpoints) go to fsspec only: never into the config, a log or a checkpoint.
-        self.storage: Storage = _open_run_directory(directory, storage_options)
+        self.storage: Storage = open_run_directory(directory, storage_options)
         self._mirror: Mirror | None = None
         self._retention_lock = threading.Lock()
         # Under torch.distributed (world size > 1) every rank saves its part of one checkpoint and rank 0
@@ -155,14 +154,7 @@ class CheckpointManager:
     def _set_aside(self, name: str, problem: CorruptCheckpointError) -> bool:
         """Quarantine a checkpoint found corrupt while resuming; True when the mirror put a good copy in
         its place (restore tries it again), else restore falls back to the previous checkpoint."""
-        if quarantine(self.storage, name, problem) is None or self._mirror is None:
-            return False
-        step = parse_step_name(name)
-        try:
-            return step is not None and self._mirror.fetch(step) is not None
-        except (OSError, UnbrokenError) as exc:  # an older local checkpoint is still there to resume from
-            warn(f"mirror: could not fetch a copy of {name} from {self._mirror.remote.url}: {exc}", RuntimeWarning)
-            return False
+        return quarantine(self.storage, name, problem) is not None and repair_from(self._mirror, name)
 
     def _resumed(self, manifest: Manifest | None) -> int:
         if manifest is None:
@@ -399,27 +391,6 @@ class CheckpointManager:
                 log.warning("a background save failed while handling another error: %s", error)
             finally:
                 self._release_lock()
-
-
-def _open_run_directory(directory: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> Storage:
-    if is_url(directory):
-        return open_storage(directory, storage_options, create=True)
-    if storage_options:
-        raise ValueError("storage_options apply to a URL run directory (s3://...), not to a local path")
-    path = os.path.abspath(os.fspath(directory))
-    if is_checkpoint_dir(path):
-        raise ValueError(f"{path} is a single checkpoint, not a run directory; use its parent as the "
-                         "run directory, or restore(path=...) to resume from it")
-    try:
-        storage = LocalStorage(path)
-        probe = os.path.join(path, f".probe-{uuid.uuid4().hex[:8]}")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        hint = "it is on a read-only filesystem" if exc.errno == errno.EROFS else exc.strerror
-        raise StorageError(exc.errno, f"cannot write checkpoints to {path}: {hint}. Fix: choose a writable "
-                           "directory (or fix its permissions/mount)") from exc
-    return storage
 
 
 def _weak_call(method: Callable[[], None]) -> Callable[[str], None]:

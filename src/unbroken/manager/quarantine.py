@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable
 
 from .._internal.warn import warn
-from ..errors import CorruptCheckpointError
-from ..storage import Storage
+from ..errors import CorruptCheckpointError, UnbrokenError
+from ..storage import Storage, parse_step_name
 from ..storage.base import quarantine_name
+from .mirror import Mirror
 
-__all__ = ["quarantine"]
+__all__ = ["quarantine", "repair_from"]
 
 log = logging.getLogger("unbroken")
 
@@ -36,3 +37,17 @@ def quarantine(storage: Storage, name: str, problem: CorruptCheckpointError,
         return None
     log.warning("quarantined corrupt checkpoint %s/%s as %s (%s)", storage.url, name, new_name, problem)
     return new_name
+
+
+def repair_from(mirror: Mirror | None, name: str) -> bool:
+    """Download the mirror's copy of the quarantined checkpoint ``name`` (verified where it lands);
+    True when a good copy is now in its place.  A mirror that cannot be reached is a warning: an older
+    local checkpoint is still there to resume from."""
+    step = parse_step_name(name)
+    if mirror is None or step is None:
+        return False
+    try:
+        return mirror.fetch(step) is not None
+    except (OSError, UnbrokenError) as exc:
+        warn(f"mirror: could not fetch a copy of {name} from {mirror.remote.url}: {exc}", RuntimeWarning)
+        return False
