@@ -162,7 +162,7 @@ class CheckpointManager:
             return 0
         self._last_step = manifest.step
         self._saved_steps.add(manifest.step)
-        self._schedule.saved()
+        self._schedule.saved(manifest.step)
         # A run killed between a commit and its retention pass left one checkpoint too many.
         self._apply_retention()
         log.info("resumed from step %d (%s)", manifest.step, self.storage.url)
@@ -244,6 +244,7 @@ class CheckpointManager:
         is complete, and its error raised, when this returns."""
         if self._saver.skips(step):
             return False
+        started = self._schedule.clock()  # the save's cost to training: from here to the return
         # The previous save's failure is that save's: raised or warned about here, by on_save_error.
         self._surface_errors(block=True)
         self._stops.save_started()
@@ -252,9 +253,10 @@ class CheckpointManager:
             manifest = build_manifest(snap, step, metrics, self.config.metadata)
         self._saver.save(step_name(step), step, snap, manifest)
         self._saved_steps.add(step)
-        self._schedule.saved()
+        self._schedule.saved(step)
         if not self.config.async_save:
             self._surface_errors(block=True)
+        self._schedule.save_cost(self._schedule.clock() - started)
         return True
 
     def wait(self) -> None:

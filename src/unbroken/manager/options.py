@@ -120,7 +120,14 @@ class ManagerOptions:
     """The options of one :class:`~unbroken.CheckpointManager` (``ckpt.config``), validated on creation."""
 
     # -- schedule (checked by SaveSchedule) -----------------------------------------------------------------
-    every_steps: int | None = _option(None, "schedule", "``step(n)`` saves when ``n % every_steps == 0``.")
+    every_steps: int | str | None = _option(None, "schedule", """``step(n)`` saves when
+        ``n % every_steps == 0``.  "auto": every N steps, N tuned as training runs so that saves cost at most
+        ``max_overhead`` of the training time.""")
+    max_overhead: float | None = _option(None, "schedule", """With ``every_steps="auto"``: the share of
+        training time that saves may cost (None: 0.01, i.e. 1%).  N is the smallest with ``save_cost / (N *
+        step_time) <= max_overhead``, re-tuned at every save from smoothed measurements (``save_cost``: the time
+        a save holds up ``step()``, the whole save when ``async_save=False``), between 1 and 100,000 steps.
+        ``every_minutes``, ``save()``, stops and ``close()`` save whatever N is.""")
     every_minutes: float | None = _option(None, "schedule", """``step(n)`` saves when this many minutes passed
         since the last save.""")
     save_on_close: bool = _option(True, "schedule", """``close()`` saves the last step seen if it has no
@@ -190,7 +197,7 @@ class ManagerOptions:
         forever.""", check=_seconds(positive=True))
 
     def __post_init__(self) -> None:
-        self.schedule()  # SaveSchedule checks every_steps / every_minutes
+        self.schedule()  # SaveSchedule checks every_steps / every_minutes / max_overhead
         self.policies()  # retention.policies_from checks the retention options
         for field in dataclasses.fields(self):
             check = field.metadata["check"]
@@ -216,7 +223,7 @@ class ManagerOptions:
         return None if self.staging_budget_mb is None else max(2, int(self.staging_budget_mb * 1024 * 1024))
 
     def schedule(self) -> SaveSchedule:
-        return SaveSchedule(self.every_steps, self.every_minutes)
+        return SaveSchedule(self.every_steps, self.every_minutes, max_overhead=self.max_overhead)
 
     def policies(self) -> list[RetentionPolicy]:
         return policies_from(**{name: getattr(self, name) for name in RETENTION_OPTIONS})

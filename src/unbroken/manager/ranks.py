@@ -60,18 +60,31 @@ class DistributedRun:
 
     def schedule(self, schedule: SaveSchedule) -> SaveSchedule:
         """``schedule`` whose time-based decisions every rank takes together (clocks differ)."""
-        return _AgreedSchedule(self.world, schedule) if schedule.every_minutes is not None else schedule
+        agreed = schedule.every_minutes is not None or schedule.auto is not None
+        return _AgreedSchedule(self.world, schedule) if agreed else schedule
 
 
 class _AgreedSchedule(SaveSchedule):
-    """A save is due on every rank when it is due on some rank (one small all-reduce per step)."""
+    """Every rank takes the same decisions from different clocks.
+
+    ``every_minutes``: a save is due on every rank when it is due on some rank (one small all-reduce
+    per step).  ``every_steps="auto"``: each rank tunes an interval from its own measurements, and at
+    every save (which every rank takes at the same step) they adopt the largest, one all-gather per
+    save: in synchronous training the rank whose saves cost most stalls every rank.  Between saves the
+    decision is local and needs no collective: same interval, same last saved step, same step.
+    """
 
     def __init__(self, world: World, inner: SaveSchedule) -> None:
-        super().__init__(inner.every_steps, inner.every_minutes, inner.clock)
+        super().__init__(inner.every_steps, inner.every_minutes, inner.clock, inner.max_overhead)
+        self.auto = inner.auto
         self._world = world
 
     def due(self, step: int) -> bool:
-        return self._world.control.any_true(super().due(step))
+        due = super().due(step)
+        return self._world.control.any_true(due) if self.every_minutes is not None else due
+
+    def _agree(self, interval: int) -> int:
+        return max(int(n) for n in self._world.control.all_gather_json(interval))
 
 
 def attach(storage: Storage, restore_mode: str = "direct", timeout_s: float = DEFAULT_TIMEOUT_S
