@@ -17,7 +17,6 @@ from ..format import Manifest
 from ..format.values import encode
 from ..io import FilePlan, live_runs, mapped_tensors, read_manifest, write_checkpoint
 from ..state import Snapshot, capture, restore_state
-from ..state.restore import copied_on_load
 from ..storage import Storage
 from .listing import check_named_step
 
@@ -69,18 +68,19 @@ def load_checkpoint(storage: Storage, name: str, state: MutableMapping[str, Any]
     """Verify every byte of checkpoint ``name``, then restore it into ``state``.
 
     A checkpoint named after a step (``step_N``) must say it holds step N: the name is what the run is
-    resumed from, so a mismatch is corruption, found before any live object is touched."""
-    manifest = read_manifest(storage, name)
-    check_named_step(storage, name, manifest)
-    if manifest.rank_state is not None or manifest.sharded or holds_dtensors(state):  # several ranks' or into DTensors
-        from ..distributed.load import load_single
+    resumed from, so a mismatch is corruption, found before any live object is touched.
 
-        load_single(storage, name, manifest, state, strict, rng)
-        return manifest
-    with mapped_tensors(storage, name, manifest) as mapped:  # every checksum verified before use
-        borrowed = copied_on_load(manifest.state)
-        tensors = {n: t if n in borrowed else t.clone() for n, t in mapped.items()}
-        with paused_gc():
-            restore_state(state, manifest.state, tensors, strict=strict, rng=rng)
-        del tensors
+    Module parameters and buffers, and the state of the optimizers torch ships, are copied straight
+    from the mapped files into the live tensors: no copy of the checkpoint is held in memory."""
+    with paused_gc():  # parsing the manifest and decoding the state allocate one object per tensor
+        manifest = read_manifest(storage, name)
+        check_named_step(storage, name, manifest)
+        # several ranks' state, or loading into DTensors
+        if manifest.rank_state is not None or manifest.sharded or holds_dtensors(state):
+            from ..distributed.load import load_single
+
+            load_single(storage, name, manifest, state, strict, rng)
+            return manifest
+        with mapped_tensors(storage, name, manifest) as mapped:  # every checksum verified before use
+            restore_state(state, manifest.state, mapped, strict=strict, rng=rng, views=True)
     return manifest

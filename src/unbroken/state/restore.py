@@ -8,7 +8,7 @@ any ``load_state_dict`` that might draw random numbers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from .._internal.warn import warn
 from ..errors import CorruptCheckpointError, PartialRestoreError, StateMismatchError
 from ..format.values import Json, decode
 from .capture import RNG_KEY, check_state_keys
+from .inplace import load_optimizer_in_place, to_live_devices
 from .objects import Kind, classify, unwrap_module
 from .rng import restore_rng, validate_rng
 
@@ -30,14 +31,22 @@ class _Entry:
     kind: Kind
     value: Any
     meta: Any = None
+    node: Json = None  # the saved tree, decoded again into owned tensors when torch's path keeps them
     skip: set[str] | None = None  # module keys left out under strict=False
     stale: set[Any] = field(default_factory=set)  # optimizer param ids whose state is left out
 
 
 def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensors: dict[str, torch.Tensor],
-                  strict: bool = True, rng: bool = True) -> None:
+                  strict: bool = True, rng: bool = True, views: bool = False) -> None:
+    """Load ``saved`` (whose tensors are ``tensors``) into ``live``.
+
+    ``views``: the tensors are views of a mapped file, valid only during this call.  Modules and the
+    optimizers :func:`load_optimizer_in_place` knows copy from them into their own tensors; every
+    other object gets a copy of each tensor it is handed (made once per tensor name), since it may
+    keep it."""
     check_state_keys(live)
-    entries = {key: _decode_entry(key, node, tensors) for key, node in saved.items()}
+    sources = _Sources(tensors, views)
+    entries = {key: _decode_entry(key, node, sources) for key, node in saved.items()}
     rng_entry = entries.pop(RNG_KEY, None)
     if rng and rng_entry is not None:
         validate_rng(rng_entry.value)
@@ -55,7 +64,7 @@ def restore_state(live: MutableMapping[str, Any], saved: dict[str, Json], tensor
     for key, entry in entries.items():
         if key in live and entry.kind is classify(live[key]) and entry.skip != {"*"}:
             try:
-                live[key] = _apply(live[key], entry)
+                live[key] = _apply(live[key], entry, sources)
             except Exception as exc:  # whatever an object's load_state_dict raises
                 raise PartialRestoreError(
                     f"state entry {key!r} could not be loaded ({type(exc).__name__}: {exc}); "
@@ -88,20 +97,39 @@ def copied_on_load(saved: dict[str, Json]) -> set[str]:
     return names
 
 
-def _decode_entry(key: str, node: Json, tensors: dict[str, torch.Tensor]) -> _Entry:
-    def get_tensor(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise CorruptCheckpointError(
-                f"state entry {key!r} refers to tensor {name!r}, which is not in the checkpoint")
-        return tensors[name]
+class _Sources:
+    """The checkpoint's tensors, as given (``view``) or owned by the caller (``owned``: a copy of a
+    mapped view, made at most once per name so that values sharing a tensor keep sharing it)."""
 
+    def __init__(self, tensors: dict[str, torch.Tensor], views: bool) -> None:
+        self.tensors = tensors
+        self.views = views
+        self.copies: dict[str, torch.Tensor] = {}
+
+    def getter(self, key: str, owned: bool) -> Callable[[str], torch.Tensor]:
+        def get_tensor(name: str) -> torch.Tensor:
+            if name not in self.tensors:
+                raise CorruptCheckpointError(
+                    f"state entry {key!r} refers to tensor {name!r}, which is not in the checkpoint")
+            if not (owned and self.views):
+                return self.tensors[name]
+            if name not in self.copies:
+                self.copies[name] = self.tensors[name].clone()
+            return self.copies[name]
+
+        return get_tensor
+
+
+def _decode_entry(key: str, node: Json, sources: _Sources) -> _Entry:
     if not isinstance(node, dict) or "value" not in node:
         raise CorruptCheckpointError(f"state entry {key!r} is malformed")
     try:
         kind = Kind(node.get("kind"))
     except ValueError:
         raise CorruptCheckpointError(f"state entry {key!r} has unknown kind {node.get('kind')!r}") from None
-    return _Entry(kind, decode(node["value"], get_tensor), decode(node.get("meta"), get_tensor))
+    # Modules only copy from what they are given; an optimizer is decoded again if it takes torch's path.
+    get_tensor = sources.getter(key, owned=kind not in (Kind.MODULE, Kind.OPTIMIZER))
+    return _Entry(kind, decode(node["value"], get_tensor), decode(node.get("meta"), get_tensor), node=node)
 
 
 def _check_shape_of_saved(key: str, entry: _Entry) -> None:
@@ -243,7 +271,7 @@ def _unfitting_state(per_param: dict[str, Any], param: torch.Tensor, live: torch
             f"{list(param.shape)}")
 
 
-def _apply(target: Any, entry: _Entry) -> Any:
+def _apply(target: Any, entry: _Entry, sources: _Sources) -> Any:
     if entry.kind is Kind.MODULE:
         values = OrderedDict((k, v) for k, v in entry.value.items() if k not in (entry.skip or set()))
         module = unwrap_module(target)
@@ -253,20 +281,33 @@ def _apply(target: Any, entry: _Entry) -> Any:
             values._metadata = entry.meta or {}  # type: ignore[attr-defined]
             module.load_state_dict(values, strict=not entry.skip and _no_missing(target, values))
         return target
-    if entry.kind is Kind.OPTIMIZER and entry.stale:
-        # A parameter's state goes whole or not at all: torch's optimizers initialise a parameter's
-        # state only when it is empty (a 'step' kept without its moments fails with a KeyError), and
-        # Adam's bias correction must count the steps the fresh moments have seen, not the old ones.
-        state = {k: v for k, v in entry.value["state"].items() if k not in entry.stale}
-        _load_stateful(target, {**entry.value, "state": state})
+    if entry.kind is Kind.OPTIMIZER:
+        _load_optimizer(target, entry, sources)
         return target
-    if entry.kind in (Kind.OPTIMIZER, Kind.STATEFUL):
+    if entry.kind is Kind.STATEFUL:
         _load_stateful(target, entry.value)
         return target
     # Plain values are replaced in the state dict, never mutated in place: an ``args`` namespace or
     # config dict the user also holds keeps what the command line said, and ``state[key]`` holds
     # what the checkpoint said.
     return entry.value
+
+
+def _load_optimizer(target: torch.optim.Optimizer, entry: _Entry, sources: _Sources) -> None:
+    # A parameter's state goes whole or not at all: torch's optimizers initialise a parameter's
+    # state only when it is empty (a 'step' kept without its moments fails with a KeyError), and
+    # Adam's bias correction must count the steps the fresh moments have seen, not the old ones.
+    def without_stale(value: dict[str, Any]) -> dict[str, Any]:
+        if not entry.stale:
+            return value
+        return {**value, "state": {k: v for k, v in value["state"].items() if k not in entry.stale}}
+
+    if load_optimizer_in_place(target, without_stale(entry.value)):
+        return
+    value = entry.value
+    if sources.views:  # torch's path keeps the tensors it is given
+        value = decode(entry.node["value"], sources.getter("", owned=True))  # type: ignore[index,call-overload]
+    _load_stateful(target, without_stale(value))
 
 
 def _plain_tensors_only(module: nn.Module) -> bool:
@@ -302,17 +343,6 @@ def _load_stateful(target: Any, value: Any) -> None:
     if value == {} and target.state_dict() == {}:
         return  # nothing was saved and nothing is expected (e.g. a disabled GradScaler refuses {})
     if isinstance(value, dict):
-        value = _to_live_devices(value, target.state_dict())
+        value = to_live_devices(value, target.state_dict())
     target.load_state_dict(value)
-
-
-def _to_live_devices(saved: Any, current: Any) -> Any:
-    """Tensors go to the device of the live tensor at the same place (saved on GPU, resumed on CPU, ...)."""
-    if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor):
-        return saved.to(current.device) if saved.device != current.device else saved
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return {k: _to_live_devices(v, current.get(k)) for k, v in saved.items()}
-    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)) and len(saved) == len(current):
-        return type(saved)(_to_live_devices(s, c) for s, c in zip(saved, current, strict=True))
-    return saved
 
