@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import drop_page_cache, evict, flat, fsync_tree, nbytes, peak_rss, rss
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -39,18 +39,6 @@ CHUNK = 16 << 20
 
 
 # -- workloads -------------------------------------------------------------------------------------------
-class Tensors:
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            self.tensors[k].copy_(v)
-
-
 def build(workload: str) -> dict[str, Any]:
     torch.manual_seed(0)
     if workload == "large":  # a model whose weights are four 256 MiB matrices
@@ -62,56 +50,6 @@ def build(workload: str) -> dict[str, Any]:
         p.grad = torch.ones_like(p)
     opt.step()
     return {"model": model, "optimizer": opt}
-
-
-def flat(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor of the state under a unique name (for safetensors, which takes a flat dict)."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            out[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}.{i}", v)
-
-    for key, obj in state.items():
-        walk(key, obj.state_dict())
-    return out
-
-
-def nbytes(state: dict[str, Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in flat(state).values())
-
-
-# -- helpers -----------------------------------------------------------------------------------------------
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def fsync_tree(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-def evict(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in files:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
 
 
 def train_step(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -228,15 +166,6 @@ def measure(kind: str, workload: str, out: Path) -> dict[str, float]:
 # -- orchestration ---------------------------------------------------------------------------------------------
 ORDER = ["raw_write", "raw_read", "memcpy", "torch_save", "safetensors", "dcp", "ours_sync", "ours_async",
          "train_overlap", "restore_cold", "restore_warm"]
-
-
-def drop_page_cache() -> None:
-    """Start every measurement from the same empty page cache (root only; otherwise skipped)."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 def run_child(kind: str, workload: str, out: Path) -> dict[str, float]:
