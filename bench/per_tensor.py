@@ -171,6 +171,7 @@ def main() -> None:
     p.add_argument("--src", help="run the children against this source tree (PYTHONPATH), e.g. an older commit")
     p.add_argument("--label", help="what the section is keyed by (default: the commit of the measured src)")
     p.add_argument("--dir", help="scratch directory (default: a temporary one under bench/)")
+    p.add_argument("--json", help="also write every measurement of every round to this file")
     p.add_argument("--record", action="store_true", help="replace or append this label's section in bench/RESULTS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)  # PHASE:METHOD, or "sweep" with --order
     p.add_argument("--order", help=argparse.SUPPRESS)
@@ -195,6 +196,8 @@ def main() -> None:
         runner = Runner(Path(tmp) / "work", args.src)
         measured = {spec: run_workload(runner, spec, repeats, print) for spec in specs}
         sweep = run_sweep(runner, args.sizes, repeats, args.sweep_dcp, print) if args.sizes else {}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"label": label, "workloads": measured, "sweep": sweep}, indent=1))
     cache = ("page cache dropped (/proc/sys/vm/drop_caches) before every measurement" if runner.dropped else
              "drop_caches is not permitted here (container), so a cold restore follows posix_fadvise(DONTNEED) "
              "of the checkpoint's own files after an fsync; a host-side cache below the VM may still serve them")

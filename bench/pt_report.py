@@ -96,7 +96,10 @@ def sweep_table(sweep: dict[str, dict[str, list[float]]], with_dcp: bool) -> lis
         for k in keys:
             t = [statistics.median(sweep[s][k]) for s in sizes]
             marg = [(t[i + 1] - t[i]) / (n[sizes[i + 1]] - n[sizes[i]]) * 1e6 for i in range(len(sizes) - 1)]
-            verdict = "yes" if marg[-1] <= 1.5 * max(marg[1], 1e-9) else f"no ({marg[-1] / max(marg[1], 1e-9):.1f}×)"
+            if marg[1] <= 0:
+                verdict = "unclear (noise: the middle step measured ≤ 0)"
+            else:
+                verdict = "yes" if marg[-1] <= 1.5 * marg[1] else f"no ({marg[-1] / marg[1]:.1f}×)"
             lines.append(f"| {k} | " + " | ".join(f"{v:.1f}" for v in marg) + f" | {verdict} |")
     return lines + [""]
 
