@@ -110,22 +110,24 @@ def _place(saved: torch.Tensor, live: Any, param: torch.Tensor, key: Any, to_par
         device = param.device
         if param.is_floating_point():
             dtype = param.dtype
-    target = live if _reusable(live, saved, dtype, device, seen) else torch.empty(
-        saved.shape, dtype=dtype, device=device)
-    seen.add(target.untyped_storage().data_ptr())
-    target.copy_(saved)
-    return target
+    pointer = _reusable(live, saved, dtype, device, seen)
+    if pointer is None:  # what torch's path holds: a copy of its own, contiguous like the file's bytes
+        return saved.to(dtype=dtype, device=device, copy=True, memory_format=torch.contiguous_format)
+    seen.add(pointer)
+    live.copy_(saved)
+    return live  # type: ignore[no-any-return]
 
 
-def _reusable(live: Any, saved: torch.Tensor, dtype: torch.dtype, device: torch.device, seen: set[int]) -> bool:
-    """``live`` is a plain tensor owning all of its storage, alone, with the wanted shape, dtype and
-    device: overwriting it changes nothing but its values (no view of another tensor, no other
-    state entry or parameter sharing it, no autograd history)."""
-    if type(live) is not torch.Tensor:
-        return False
-    return (live.shape == saved.shape and live.dtype == dtype and live.device == device
-            and live.layout is torch.strided and live.is_contiguous() and not live.requires_grad
-            and live._base is None and live.storage_offset() == 0 and not live.is_inference()
-            and not live.is_conj() and not live.is_neg()
-            and live.untyped_storage().nbytes() == live.numel() * live.element_size()
-            and live.untyped_storage().data_ptr() not in seen)
+def _reusable(live: Any, saved: torch.Tensor, dtype: torch.dtype, device: torch.device, seen: set[int]) -> int | None:
+    """The storage address of ``live`` when it is a plain tensor owning all of its storage, alone,
+    with the wanted shape, dtype and device, so that overwriting it changes nothing but its values
+    (no view of another tensor, no other state entry or parameter sharing it, no autograd history);
+    else None."""
+    if (type(live) is not torch.Tensor or live.dtype != dtype or live.shape != saved.shape
+            or live.device != device or live.requires_grad or live._base is not None
+            or live.storage_offset() or not live.is_contiguous() or live.layout is not torch.strided
+            or live.is_inference() or live.is_conj() or live.is_neg()):
+        return None
+    storage = live.untyped_storage()
+    pointer: int = storage.data_ptr()
+    return pointer if storage.nbytes() == live.nbytes and pointer not in seen else None
