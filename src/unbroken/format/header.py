@@ -13,6 +13,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _quoted  # json.dumps(s, ensure_ascii=False), minus its set-up
 
 from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError
@@ -49,7 +50,7 @@ def build_header(entries: Sequence[tuple[str, str, tuple[int, ...]]]) -> tuple[b
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * itemsize(dtype)
         dims = ",".join(map(str, shape))
-        parts.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{dtype}","shape":[{dims}],'
+        parts.append(f'{_quoted(name)}:{{"dtype":"{dtype}","shape":[{dims}],'
                      f'"data_offsets":[{relative},{relative + nbytes}]}}')
         layout.append((name, dtype, shape, relative, relative + nbytes))
         relative += nbytes

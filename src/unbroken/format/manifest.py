@@ -20,7 +20,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _quoted
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from crc32c import crc32c
@@ -29,10 +32,11 @@ from .._internal.gcpause import paused_gc
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from .cover import cover_problem
 from .dtypes import ITEMSIZES
-from .header import MAX_NDIM
+from .header import MAX_NDIM, TensorSpan
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "ShardEntry", "ShardedTensor", "Manifest",
-           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "check_file_name", "seal"]
+           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "check_file_name", "seal",
+           "tensor_entries"]
 
 FORMAT_NAME = "unbroken-checkpoint"
 FORMAT_VERSION = "1.2"
@@ -80,6 +84,12 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+
+def tensor_entries(file: str, spans: Sequence[TensorSpan], crcs: Sequence[int]) -> dict[str, TensorEntry]:
+    """The entries of ``spans`` stored in ``file`` with whole-tensor checksums ``crcs`` (no blocks)."""
+    return {s.name: TensorEntry(file, s.dtype, s.shape, s.begin, s.end, crc)
+            for s, crc in zip(spans, crcs, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -138,10 +148,12 @@ class Manifest:
         head = json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
         # The tensor table (one entry per tensor, often tens of thousands) is written as text:
         # building it as dicts made the garbage collector walk the whole training process.
+        # _quoted(s) is json.dumps(s, ensure_ascii=False) without its per-call encoder set-up.
+        files = {f: encode_basestring_ascii(f) for f in self.files}
         tensors = ",".join(
-            f'{json.dumps(n, ensure_ascii=False)}:{{"file":{json.dumps(t.file)},"dtype":"{t.dtype}",'
+            f'{_quoted(n)}:{{"file":{files.get(t.file) or encode_basestring_ascii(t.file)},"dtype":"{t.dtype}",'
             f'"shape":[{",".join(map(str, t.shape))}],"offsets":[{t.begin},{t.end}],"crc32c":{t.crc32c}'
-            f'{_blocks_json(t)}}}'
+            f'{_blocks_json(t) if t.block_bytes else ""}}}'
             for n, t in self.tensors.items())
         body = head[:-1] + ',"tensors":{' + tensors + "}"
         if self.sharded:

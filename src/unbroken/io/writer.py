@@ -14,10 +14,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
+from .._internal.gcpause import paused_gc
 from ..format import FileEntry, Manifest, TensorEntry
+from ..format.manifest import tensor_entries
 from ..storage import Storage, WriteHandle
 from .checksum import BlockCrc, crc32c
-from .plan import FilePlan, Run
+from .plan import FilePlan, Piece, Run
 
 __all__ = ["write_checkpoint", "write_tensor_file", "Writer", "SyncWriter", "AsyncWriter"]
 
@@ -34,8 +36,10 @@ def write_checkpoint(storage: Storage, name: str, plan: FilePlan, runs: Iterable
     staging = storage.begin(name)
     try:
         file_entry, entries = write_tensor_file(staging.create(file_name), file_name, plan, runs)
-        final = replace(manifest, files={file_name: file_entry}, tensors=entries)
-        staging.commit(final.to_json())
+        with paused_gc():
+            final = replace(manifest, files={file_name: file_entry}, tensors=entries)
+            text = final.to_json()
+        staging.commit(text)
     except BaseException:
         staging.abort()
         raise
@@ -48,19 +52,25 @@ def write_tensor_file(handle: WriteHandle, file_name: str, plan: FilePlan, runs:
 
     With ``block_bytes``, tensors larger than one block also get a CRC per block (ranged reads
     verify what they read); the whole tensor's CRC is derived from those, not computed twice.
+
+    The collector is paused while runs are made and checksummed (thousands of small objects per
+    run), never across a write: a background writer must not hold it off the training thread for
+    the length of the I/O.
     """
-    crcs = [0] * len(plan.spans)
-    blocked = {i: BlockCrc(block_bytes) for i, s in enumerate(plan.spans) if block_bytes and s.nbytes > block_bytes}
+    spans = plan.spans
+    crcs = [0] * len(spans)
+    blocked = {i: BlockCrc(block_bytes) for i, s in enumerate(spans) if block_bytes and s.nbytes > block_bytes}
     written = 0
+    iterator = iter(runs)
     try:
         handle.write(memoryview(plan.header))
-        for data, pieces in runs:
-            for index, lo, hi in pieces:  # a tensor may straddle two runs: its CRC continues
-                accumulator = blocked.get(index)
-                if accumulator is None:
-                    crcs[index] = crc32c(data[lo:hi], crcs[index])
-                else:
-                    accumulator.update(data[lo:hi])
+        while True:
+            with paused_gc():
+                run = next(iterator, None)
+                if run is None:
+                    break
+                data, pieces = run
+                _checksum(data, pieces, crcs, blocked)
             handle.write(data)
             written += len(data)
         if written != plan.data_bytes:
@@ -69,14 +79,27 @@ def write_tensor_file(handle: WriteHandle, file_name: str, plan: FilePlan, runs:
     except BaseException:
         handle.abort()
         raise
-    entries = {s.name: TensorEntry(file_name, s.dtype, s.shape, s.begin, s.end, crc) for s, crc in
-               zip(plan.spans, crcs, strict=True)}
-    for index, accumulator in blocked.items():
-        span = plan.spans[index]
-        whole, blocks = accumulator.finish()
-        entries[span.name] = TensorEntry(file_name, span.dtype, span.shape, span.begin, span.end, whole,
-                                         block_bytes, blocks)
+    with paused_gc():
+        entries = tensor_entries(file_name, spans, crcs)
+        for index, accumulator in blocked.items():
+            span = spans[index]
+            whole, blocks = accumulator.finish()
+            entries[span.name] = TensorEntry(file_name, span.dtype, span.shape, span.begin, span.end, whole,
+                                             block_bytes, blocks)
     return FileEntry(size=plan.file_size, header_crc32c=crc32c(plan.header)), entries
+
+
+def _checksum(data: memoryview, pieces: list[Piece], crcs: list[int], blocked: dict[int, BlockCrc]) -> None:
+    if not blocked:
+        for index, lo, hi in pieces:  # a tensor may straddle two runs: its CRC continues
+            crcs[index] = crc32c(data[lo:hi], crcs[index])
+        return
+    for index, lo, hi in pieces:
+        accumulator = blocked.get(index)
+        if accumulator is None:
+            crcs[index] = crc32c(data[lo:hi], crcs[index])
+        else:
+            accumulator.update(data[lo:hi])
 
 
 class Writer:

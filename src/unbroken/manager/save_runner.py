@@ -22,7 +22,7 @@ from ..distributed.shards import whole_tensors
 from ..errors import StorageError
 from ..format import Manifest
 from ..io import AsyncWriter, BufferedSave, FilePlan, HostBuffers, SyncWriter, live_runs, write_checkpoint
-from ..io.plan import Run
+from ..io.plan import LayoutCache, Run
 from ..state import Snapshot
 from ..storage import Storage
 
@@ -37,6 +37,8 @@ class SaveRunner:
         self._writer = AsyncWriter() if background else SyncWriter()
         self._buffers = HostBuffers(budget_bytes) if background else None
         self._pending: tuple[int, Future[Manifest]] | None = None
+        # The file layout of the last save, reused while the tensors keep their names, dtypes and shapes.
+        self._layouts = LayoutCache()
 
     @property
     def busy(self) -> bool:
@@ -56,18 +58,29 @@ class SaveRunner:
         failure is reported as that save's, never raised as this one's."""
         if self._pending is not None:
             raise RuntimeError("internal error: a save started before the previous one was collected")
+        # The collector stays off for the whole hand-over (a synchronous save: the whole save); the
+        # background writer pauses it only around its own bursts of small objects.
         with paused_gc():
             tensors = self._file_tensors(snap)
-            plan = FilePlan.build(tensors)
-        if self._buffers is None:
-            runs = live_runs(plan, tensors)
-            future = self._writer.submit(lambda: self._commit(name, step, plan, runs, manifest))
-        else:
-            staged = BufferedSave(self._buffers, plan, tensors)
-            future = self._writer.submit(lambda: self._commit(name, step, plan, staged.runs(), manifest))
-            staged.fill(future)  # returns once the state is copied: training may modify it again
+            layout = self._layouts.layout_for(tensors)
+            plan = layout.plan
+            if self._buffers is None:
+                runs = live_runs(plan, tensors, layout)
+                future = self._writer.submit(lambda: self._commit(name, step, plan, runs, manifest))
+            else:
+                staged = BufferedSave(self._buffers, layout, tensors)
+                future = self._writer.submit(lambda: self._commit(name, step, plan, staged.runs(), manifest))
+                staged.fill(future)  # returns once the state is copied: training may modify it again
         self._pending = (step, future)
         return future
+
+    def prepare(self, nbytes: int, pinned: bool = False) -> None:
+        """Allocate and touch the staging buffers for a state of ``nbytes`` tensor bytes in the
+        background, so that the first background save does not pay their page faults (within the
+        staging budget).  Never blocks; a save that starts first waits for the preparation.  Does
+        nothing for synchronous saves or while a save is in flight (its buffers are in use)."""
+        if self._buffers is not None and self._pending is None:
+            self._buffers.prepare(nbytes, pinned)
 
     def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
         """The tensors this process writes (a rank of a distributed save writes only its part)."""
