@@ -273,3 +273,20 @@ def test_save_runner_prepares_only_for_background_saves_between_saves(tmp_path: 
     finally:
         background.close()
     assert saved(tmp_path, "step_1") == expected_file(tensors)
+
+
+def test_fast_tensor_entries_and_table_equal_the_dataclass_and_json_dumps() -> None:
+    from unbroken.format import FileEntry, TensorEntry, TensorSpan
+    from unbroken.format.manifest import tensor_entries
+
+    spans = [TensorSpan("m/w", "F32", (2, 3), 80, 104), TensorSpan('m/"é\\n', "BF16", (), 104, 106)]
+    entries = tensor_entries(FILE, spans, [7, 2**32 - 1])
+    assert entries == {"m/w": TensorEntry(FILE, "F32", (2, 3), 80, 104, 7),
+                       'm/"é\\n': TensorEntry(FILE, "BF16", (), 104, 106, 2**32 - 1)}
+    manifest = manifest_for(3)
+    manifest.files, manifest.tensors = {FILE: FileEntry(106, 1)}, entries
+    text = manifest.to_json().decode()
+    table = {n: {"file": t.file, "dtype": t.dtype, "shape": list(t.shape), "offsets": [t.begin, t.end],
+                 "crc32c": t.crc32c} for n, t in entries.items()}
+    assert '"tensors":' + json.dumps(table, ensure_ascii=False, separators=(",", ":")) in text
+    assert Manifest.from_json(text.encode(), "test").tensors == entries
