@@ -180,3 +180,29 @@ def test_cuda_tensors_are_staged_in_pinned_memory(tmp_path: Path) -> None:
     restored = nn.Linear(256, 256)
     unbroken.load(tmp_path / "step_000000001", {"model": restored})
     assert torch.equal(restored.weight, model.weight.cpu())
+
+
+def test_a_new_or_restored_manager_prepares_the_first_saves_staging_buffers(tmp_path: Path) -> None:
+    """The first background save must not pay the page faults of fresh buffers: a manager prepares
+    them in the background at construction, and again after restore() (the state may have grown)."""
+    state = {"w": torch.ones(256 * 1024)}  # 1 MiB
+    ckpt = CheckpointManager(tmp_path / "run", state, async_save=True, every_steps=1)
+    buffers = ckpt._saver._buffers
+    assert buffers is not None and buffers._preparing is not None
+    buffers._preparing.join(30)
+    assert buffers.allocated_bytes >= 1 << 20
+    ckpt.step(1)
+    ckpt.close()
+    bigger = {"w": torch.ones(1024 * 1024)}  # 4 MiB: what a resumed state may hold that the new one did not
+    again = CheckpointManager(tmp_path / "run2", {"w": torch.zeros(16)}, async_save=True)
+    unbroken.save(tmp_path / "run2" / "step_000000001", bigger, step=1)
+    again.state = bigger
+    assert again.restore() == 1
+    prepared = again._saver._buffers
+    assert prepared is not None and prepared._preparing is not None
+    prepared._preparing.join(30)
+    assert prepared.allocated_bytes >= 4 << 20
+    again.close()
+    sync = CheckpointManager(tmp_path / "run3", state, async_save=False)
+    assert sync._saver._buffers is None  # a synchronous save writes from the live tensors: nothing to prepare
+    sync.close()

@@ -89,6 +89,8 @@ class CheckpointManager:
         else:
             self._saver = self._dist.saver(self.storage, self.config.async_save, self.config.staging_budget_bytes,
                                            self._after_commit)
+        if self._dist is None:  # a rank writes only its part: its plan is known at its first save
+            self._saver.prepare_for(self.state, self.config.capture_rng)  # background: the first save's buffers
         self._last_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
         self._saved_steps: set[int] = set()
@@ -160,6 +162,8 @@ class CheckpointManager:
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
             return 0
+        if self._dist is None:  # restored tensors may differ in size from those at construction
+            self._saver.prepare_for(self.state, self.config.capture_rng)
         self._last_step = manifest.step
         self._saved_steps.add(manifest.step)
         self._schedule.saved(manifest.step)

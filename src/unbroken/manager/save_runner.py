@@ -13,17 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 
 from .._internal.gcpause import paused_gc
 from .._internal.warn import warn
 from ..distributed.shards import whole_tensors
-from ..errors import StorageError
+from ..errors import StorageError, UnbrokenError
 from ..format import Manifest
 from ..io import AsyncWriter, BufferedSave, FilePlan, HostBuffers, SyncWriter, live_runs, write_checkpoint
 from ..io.plan import LayoutCache, Run
-from ..state import Snapshot
+from ..state import Snapshot, capture
 from ..storage import Storage
 
 __all__ = ["SaveRunner"]
@@ -81,6 +82,19 @@ class SaveRunner:
         nothing for synchronous saves or while a save is in flight (its buffers are in use)."""
         if self._buffers is not None and self._pending is None:
             self._buffers.prepare(nbytes, pinned)
+
+    def prepare_for(self, state: Mapping[str, Any], rng: bool) -> None:
+        """:meth:`prepare` for the tensors a save of ``state`` would write now (a new manager, or one
+        just restored).  A state that cannot be captured yet is left for the first save to report."""
+        if self._buffers is None or self._pending is not None:
+            return
+        try:
+            with paused_gc():
+                tensors = list(self._file_tensors(capture(state, rng=rng)).values())
+        except (UnbrokenError, TypeError, ValueError):
+            return
+        self.prepare(sum(t.numel() * t.element_size() for t in tensors),
+                     pinned=torch.cuda.is_available() and any(t.is_cuda for t in tensors))
 
     def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
         """The tensors this process writes (a rank of a distributed save writes only its part)."""
