@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import evict
 
 HERE = Path(__file__).resolve().parent
 TENSOR_MIB = 16
@@ -90,17 +91,6 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
     print(json.dumps({"rank": rank, "saves": saves, "written": written, "restores": restores}), flush=True)
     dist.destroy_process_group()
-
-
-def evict(directory: Path) -> None:
-    """Drop the checkpoint's pages from the page cache (the next read comes from the disk)."""
-    for path in directory.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 # -- the launcher ---------------------------------------------------------------------------------------

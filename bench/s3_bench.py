@@ -33,23 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from benchlib import Tensors  # noqa: E402 (bench/ is on sys.path when this file runs as a script)
+
 from unbroken.checkpoint.single import load_checkpoint, save_checkpoint  # noqa: E402
 from unbroken.storage import FsspecStorage, step_name  # noqa: E402
 
 MiB = 1024 * 1024
 KEY, SECRET, REGION = "bench-key", "bench-secret", "us-east-1"
-
-
-class Tensors:
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, value in state.items():
-            self.tensors[name].copy_(value)
 
 
 def free_port() -> int:
