@@ -21,6 +21,7 @@ __all__ = [
     "RunLockedError",
     "DistributedError",
     "CheckpointSkippedWarning",
+    "is_damage",
 ]
 
 
@@ -82,3 +83,12 @@ class DistributedError(UnbrokenError, RuntimeError):
 
 class CheckpointSkippedWarning(UserWarning):
     """A checkpoint was found invalid and skipped; an older valid one is used instead."""
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the checkpoint itself is damaged (what restore quarantines).  Not a newer
+    format (a newer release reads it), and not a live object refusing data that verified
+    (PartialRestoreError: every checksum matched before it was loaded; the training code may be what
+    changed)."""
+    return isinstance(exc, CorruptCheckpointError) and not isinstance(exc, (UnsupportedFormatError,
+                                                                             PartialRestoreError))

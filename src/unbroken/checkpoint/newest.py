@@ -14,14 +14,14 @@ from ..errors import (
     PartialRestoreError,
     StateMismatchError,
     UnbrokenError,
-    UnsupportedFormatError,
+    is_damage,
 )
 from ..format import Manifest
 from ..storage import Storage, step_name
 from ..storage.paths import committed_steps
 from .single import load_checkpoint
 
-__all__ = ["restore_newest", "restore_step", "OnCorrupt", "is_damage"]
+__all__ = ["restore_newest", "restore_step", "OnCorrupt"]
 
 log = logging.getLogger("unbroken")
 
@@ -71,13 +71,6 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
     if unreadable is not None:
         raise unreadable
     return None
-
-
-def is_damage(exc: CorruptCheckpointError) -> bool:
-    """Whether the checkpoint itself is damaged (what the manager quarantines).  Not a newer format (a
-    newer release reads it), and not a live object refusing data that verified (PartialRestoreError:
-    every checksum matched before it was loaded; the training code may be what changed)."""
-    return not isinstance(exc, (UnsupportedFormatError, PartialRestoreError))
 
 
 def _skipped(storage: Storage, name: str, exc: Exception) -> None:

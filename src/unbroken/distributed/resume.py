@@ -23,9 +23,8 @@ from ..errors import (
     CheckpointSkippedWarning,
     CorruptCheckpointError,
     DistributedError,
-    PartialRestoreError,
     StateMismatchError,
-    UnsupportedFormatError,
+    is_damage,
 )
 from ..format import Manifest
 from ..storage import Storage, parse_step_name, step_name
@@ -135,13 +134,6 @@ def _kind(exc: Exception) -> str:
     return "mismatch" if isinstance(exc, StateMismatchError) else "error"
 
 
-def _is_damage(exc: Exception) -> bool:
-    """Corruption of the checkpoint itself: not a newer format, which stays for a release that reads it,
-    nor a live object refusing data that verified (PartialRestoreError)."""
-    return isinstance(exc, CorruptCheckpointError) and not isinstance(exc, (UnsupportedFormatError,
-                                                                             PartialRestoreError))
-
-
 @dataclass(frozen=True)
 class _Skip:
     """The ranks skip this checkpoint; ``damage`` is set when a rank found the checkpoint itself corrupt."""
@@ -153,7 +145,7 @@ def _agree(world: World, failure: Exception | None, where: str, explicit: bool) 
     """Every rank's outcome: None to go on, or :class:`_Skip` on every rank; raises on every rank when
     a failure is not one to skip."""
     mine = None if failure is None else {"kind": _kind(failure), "error": f"{type(failure).__name__}: {failure}",
-                                         "damage": _is_damage(failure)}
+                                         "damage": is_damage(failure)}
     every = world.control.all_gather_json(mine)
     bad = [(rank, v) for rank, v in enumerate(every) if v is not None]
     if not bad:
