@@ -8,17 +8,18 @@ save (manifest last) and verified; steps the destination already has are not cop
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..checkpoint.listing import CheckpointRecord, check_named_step, scan, with_newest_verified
 from ..checkpoint.transfer import CopyResult, copy_checkpoint
-from ..errors import CorruptCheckpointError, UnsupportedFormatError
+from ..errors import CorruptCheckpointError, is_damage
 from ..io import verify_checkpoint
-from ..storage import LocalStorage, Storage, is_url, parse_step_name, step_name
-from ..storage.base import QUARANTINE_PREFIX
+from ..storage import LocalStorage, Storage, is_url, step_name
+from ..storage.base import parse_quarantine_name
 from ..storage.paths import open_run, quarantined_names
 from .quarantine import quarantine
 from .retention import RetentionPolicy, expired, policies_from
@@ -48,11 +49,18 @@ def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep
     if not policies and not invalid:
         raise ValueError("prune needs a rule (keep_last, keep_best, keep_every) or invalid=True")
     storage = open_run(run_dir, storage_options)
+    with _run_locked(storage):
+        return _prune(storage, policies, invalid, dry_run)
+
+
+@contextlib.contextmanager
+def _run_locked(storage: Storage) -> Iterator[None]:
+    """Hold a local run's lock for the duration: RunLockedError while a manager is writing there."""
     lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
     if lock is not None:
-        lock.acquire(0, take_over=False)  # RunLockedError while a manager is writing there
+        lock.acquire(0, take_over=False)
     try:
-        return _prune(storage, policies, invalid, dry_run)
+        yield
     finally:
         if lock is not None:
             lock.release()
@@ -86,8 +94,9 @@ def _remove_quarantined(storage: Storage, dry_run: bool, failed: list[tuple[Chec
                 storage.delete(name)
             removed.append(name)
         except OSError as exc:
-            step = parse_step_name(name[len(QUARANTINE_PREFIX):].rsplit("-", 2)[0]) or 0
-            record = CheckpointRecord(step, f"{storage.url}/{name}", valid=False, problem="quarantined")
+            parsed = parse_quarantine_name(name)
+            record = CheckpointRecord(parsed[0] if parsed else 0, f"{storage.url}/{name}", valid=False,
+                                      problem="quarantined")
             failed.append((record, str(exc)))
     return removed
 
@@ -99,28 +108,20 @@ def quarantine_corrupt(run_dir: str | os.PathLike[str], steps: Iterable[int] | N
     steps free to be saved anew.  Takes the run lock (never under a live manager).  A newer format or
     a checkpoint that cannot be read just now is left alone.  Returns (step, new name, problem) each."""
     storage = open_run(run_dir, storage_options)
-    lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
-    if lock is not None:
-        lock.acquire(0, take_over=False)
-    try:
-        wanted = set(steps) if steps is not None else None
-        moved = []
+    wanted = set(steps) if steps is not None else None
+    moved = []
+    with _run_locked(storage):
         for record in scan(storage):
             if wanted is not None and record.step not in wanted:
                 continue
             name = step_name(record.step)
             try:
                 check_named_step(storage, name, verify_checkpoint(storage, name))
-            except UnsupportedFormatError:
-                continue
             except CorruptCheckpointError as exc:
-                new_name = quarantine(storage, name, exc)
+                new_name = quarantine(storage, name, exc) if is_damage(exc) else None
                 if new_name is not None:
                     moved.append((record.step, new_name, str(exc)))
-        return moved
-    finally:
-        if lock is not None:
-            lock.release()
+    return moved
 
 
 def copy_checkpoints(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, step: int | None = None,

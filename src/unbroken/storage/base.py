@@ -23,6 +23,7 @@ MANIFEST_FILE = "manifest.json"
 # A checkpoint found corrupt is moved to "corrupt-<its name>-<UTC time>-<id>": outside the step_*
 # namespace, so nothing counts or restores it, and its step name is free for a new save.
 QUARANTINE_PREFIX = "corrupt-"
+_QUARANTINE_STAMP = "%Y%m%dT%H%M%SZ"  # UTC, sortable, no characters an object store or a shell minds
 _QUARANTINE_NAME = re.compile(r"corrupt-step_([0-9]{9,})-([0-9]{8}T[0-9]{6}Z)-[0-9a-f]{6}")
 
 
@@ -32,7 +33,7 @@ def step_name(step: int) -> str:
 
 def quarantine_name(name: str, now: float) -> str:
     """A fresh quarantine name for checkpoint ``name`` at time ``now`` (unique even within one second)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    stamp = time.strftime(_QUARANTINE_STAMP, time.gmtime(now))
     return f"{QUARANTINE_PREFIX}{name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
@@ -42,7 +43,7 @@ def parse_quarantine_name(name: str) -> tuple[int, float] | None:
     if match is None:
         return None
     try:
-        when = calendar.timegm(time.strptime(match.group(2), "%Y%m%dT%H%M%SZ"))
+        when = calendar.timegm(time.strptime(match.group(2), _QUARANTINE_STAMP))
     except ValueError:
         return None
     return int(match.group(1)), float(when)
