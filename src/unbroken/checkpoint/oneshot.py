@@ -23,7 +23,7 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int = 
 
     A path named like a run's checkpoint (``step_N``) must hold step N (``step=N``): a run resumes
     from such a directory by its name, and treats one whose manifest disagrees as corrupt."""
-    named = parse_step_name(os.fspath(path).rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1])
+    named = parse_step_name(os.path.basename(os.fspath(path).rstrip("/")))  # a local path or a URL
     if named is not None and named != step:
         raise ValueError(f"{os.fspath(path)} is named for step {named} but step={step}; pass step={named}, or "
                          "choose a name that is not step_<number> (runs resume from those by their name)")

@@ -131,9 +131,7 @@ class CheckpointManager:
                 self._mirror.fetch(step)
             restored = self._dist.restore(self.storage, self.state, strict, self.config.capture_rng, step=step,
                                           path=path, on_corrupt=partial(quarantine, self.storage))
-            if restored is not None and path is None:
-                self._verified_step = restored.step
-            return self._resumed(restored)
+            return self._resumed(restored, from_this_run=path is None)
         removed = self.storage.cleanup()
         if removed:
             log.info("removed abandoned staging/trash areas: %s", ", ".join(removed))
@@ -149,19 +147,19 @@ class CheckpointManager:
                 self._mirror.fetch()
             manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng,
                                       on_corrupt=self._set_aside)
-        if manifest is not None and path is None:
-            self._verified_step = manifest.step
-        return self._resumed(manifest)
+        return self._resumed(manifest, from_this_run=path is None)
 
     def _set_aside(self, name: str, problem: CorruptCheckpointError) -> bool:
         """Quarantine a checkpoint found corrupt while resuming; True when the mirror put a good copy in
         its place (restore tries it again), else restore falls back to the previous checkpoint."""
         return quarantine(self.storage, name, problem) is not None and repair_from(self._mirror, name)
 
-    def _resumed(self, manifest: Manifest | None) -> int:
+    def _resumed(self, manifest: Manifest | None, from_this_run: bool) -> int:
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
             return 0
+        if from_this_run:  # read and verified in full: known good, so retention keeps it
+            self._verified_step = manifest.step
         if self._dist is None:  # restored tensors may differ in size from those at construction
             self._saver.prepare_for(self.state, self.config.capture_rng)
         self._last_step = manifest.step
@@ -304,7 +302,7 @@ class CheckpointManager:
                  self.storage.url)
         try:
             self._apply_retention()
-        except Exception as exc:  # noqa: BLE001 (any failure here is reported, never charged to the save)
+        except Exception as exc:  # any failure here is reported, never charged to the save
             message = (f"retention after the commit of step {manifest.step} failed (the checkpoint is committed; "
                        f"retention runs again after the next save): {type(exc).__name__}: {exc}")
             warn(message, RuntimeWarning)
