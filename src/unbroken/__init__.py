@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from .checkpoint.listing import CheckpointRecord
     from .checkpoint.oneshot import load, save
     from .data import DataLoader, ResumableSampler
+    from .interchange.diff import diff
+    from .interchange.export import export
+    from .interchange.importing import import_checkpoint
+    from .interchange.state_dict import read_state_dict
     from .manager.checkpoint_manager import CheckpointManager
     from .manager.maintenance import PruneResult, copy_checkpoints, prune, quarantine_corrupt
     from .manager.preemption import EXIT_PREEMPTED, Preempted
@@ -57,6 +61,8 @@ _LAZY = {
     "Preempted": "manager.preemption", "EXIT_PREEMPTED": "manager.preemption",
     "prune": "manager.maintenance", "PruneResult": "manager.maintenance",
     "copy_checkpoints": "manager.maintenance", "quarantine_corrupt": "manager.maintenance",
+    "export": "interchange.export", "read_state_dict": "interchange.state_dict",
+    "import_checkpoint": "interchange.importing", "diff": "interchange.diff",
 }
 
 __all__ = [
@@ -68,7 +74,7 @@ __all__ = [
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
     "RunDirectoryReplacedError", "DistributedError",
     "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
-    "quarantine_corrupt",
+    "quarantine_corrupt", "export", "read_state_dict", "import_checkpoint", "diff",
 ]
 
 

@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import unbroken
+from unbroken.cli.diff_command import add_diff
+from unbroken.cli.export_command import add_export
+from unbroken.cli.import_command import add_import
 from unbroken.cli.storage_commands import add_cp, add_prune, add_storage_option, storage_options
 
 __all__ = ["main"]
@@ -81,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
     add_prune(sub)
     add_cp(sub)
+    add_export(sub)
+    add_import(sub)
+    add_diff(sub)
     _add_run(sub)
     return parser
 
