@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,12 @@ def test_metrics_must_be_numbers(tmp_path: Path) -> None:
     assert not (tmp_path / "ck").exists()
     record = unbroken.save(tmp_path / "ck2", {"x": 1}, metrics={"loss": torch.tensor(0.25)})
     assert record.metrics == {"loss": 0.25}
+
+
+def test_a_missing_metric_may_be_none(tmp_path: Path) -> None:
+    """The README: missing metrics are fine.  None is stored as null and read back as None."""
+    record = unbroken.save(tmp_path / "ck", {"x": 1}, metrics={"loss": None, "acc": 0.5})
+    assert record.metrics == {"loss": None, "acc": 0.5}
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert manifest["metrics"] == {"loss": None, "acc": 0.5}
+    assert unbroken.read_info(tmp_path / "ck").metrics == {"loss": None, "acc": 0.5}

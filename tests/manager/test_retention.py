@@ -112,3 +112,14 @@ def test_restore_applies_retention_left_undone_by_a_killed_run(tmp_path: Path) -
     assert [r.step for r in unbroken.list_checkpoints(tmp_path)] == [1, 2, 3]
     assert SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, keep_last=2).restore() == 3
     assert [r.step for r in unbroken.list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_keep_best_treats_a_metric_given_as_none_as_missing(tmp_path: Path) -> None:
+    """metrics={"loss": None} (a step without an evaluation) saves, and that checkpoint is never "best"."""
+    assert KeepBest(1, "loss").keep([Candidate(1, {"loss": 0.5}), Candidate(2, {"loss": None})]) == {1}
+    ckpt = SyncManager(tmp_path, {"m": nn.Linear(2, 2)}, every_steps=1, keep_best=1, best_metric="loss",
+                       save_on_close=False)
+    for step, loss in [(1, None), (2, 0.5), (3, None), (4, 0.9), (5, None)]:
+        ckpt.step(step, metrics={"loss": loss})
+    assert [(r.step, r.metrics) for r in unbroken.list_checkpoints(tmp_path)] == [(2, {"loss": 0.5}),
+                                                                               (5, {"loss": None})]

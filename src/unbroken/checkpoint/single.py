@@ -37,14 +37,16 @@ def build_manifest(snap: Snapshot, step: int, metrics: Mapping[str, Any] | None,
 
 
 def _encode_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Numbers, or ``None`` for a metric missing at this step (stored as null; never "best" for keep_best)."""
     out: dict[str, Any] = {}
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, np.generic):
             value = value.item()
-        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"metric {name!r}={value!r}: metrics must map str names to numbers")
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+            raise TypeError(f"metric {name!r}={value!r}: metrics must map str names to numbers "
+                            "(or None for a metric missing at this step)")
         out[name] = encode(value, f"metrics/{name}", _no_tensors)
     return out
 
