@@ -100,11 +100,12 @@ def test_gives_up_without_progress_with_a_report(tmp_path: Path) -> None:
     out = supervise_cli("--dir", tmp_path / "run", "--max-restarts", "2", *FAST, "--",
                         *train(tmp_path, "run", "--crash-at", "12", "--crash-always"))
     assert out.returncode == 1, out.stderr
-    # The first crash made progress (checkpoints 5 and 10); then the delay doubles per restart without progress.
+    # The first crash made progress (checkpoints 5 and 10); the first restart without progress waits the
+    # backoff too, and each further one in a row doubles it.
     assert [line.split(" at step 10 ")[1] for line in restart_lines(out.stderr)] == [
         "(made progress); restarting in 0.05 s",
-        "(no progress: 1/2); restarting in 0.1 s",
-        "(no progress: 2/2); restarting in 0.2 s"]
+        "(no progress: 1/2); restarting in 0.05 s",
+        "(no progress: 2/2); restarting in 0.1 s"]
     report = out.stderr[out.stderr.index("unbroken run: giving up"):]
     assert "3 attempt(s) in a row made no progress (max-restarts 2); 3 restart(s) in all" in report
     assert f"last step reached: 10 (newest valid checkpoint in {tmp_path / 'run'})" in report
@@ -123,7 +124,7 @@ def test_without_dir_every_restart_is_without_progress(tmp_path: Path) -> None:
     assert out.returncode == 128 + signal.SIGKILL
     assert attempts(tmp_path) == [0, 1]
     assert restart_lines(out.stderr) == [
-        "unbroken run: child was killed by SIGKILL (status 137) (no progress: 1/1); restarting in 0.1 s"]
+        "unbroken run: child was killed by SIGKILL (status 137) (no progress: 1/1); restarting in 0.05 s"]
     report = out.stderr[out.stderr.index("unbroken run: giving up"):]
     assert "last step reached: unknown (no --dir given)" in report
     assert "last exit status: 137 (killed by SIGKILL)" in report
@@ -407,8 +408,20 @@ def test_the_restart_backoff_doubles_up_to_its_cap_without_waiting(tmp_path: Pat
     start = clock()
     assert supervise([sys.executable, str(child)], config, clock=clock, sleep=clock.sleep) == 3
     assert attempts(tmp_path) == [0, 1, 2, 3]
-    assert clock() - start == pytest.approx(60 + 100 + 100)  # 30 * 2**1, then capped at 100
+    assert clock() - start == pytest.approx(30 + 60 + 100)  # 30, 30 * 2, then capped at 100
     assert max(clock.sleeps) <= 0.05  # short naps: a stop signal is noticed at once
     err = capsys.readouterr().err
     said = [float(line.split("restarting in ")[1].split()[0]) for line in err.splitlines() if "restarting in" in line]
-    assert said == [60, 100, 100]
+    assert said == [30, 60, 100]
+
+
+def test_the_first_restart_waits_the_backoff_and_says_so(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`unbroken run -- /bin/false` with the default --backoff 1: waits 1, 2, 4 s, and says those numbers."""
+    child = script(tmp_path, "sys.exit(1)\n")
+    clock = FakeClock()
+    start = clock()
+    assert supervise([sys.executable, str(child)], SupervisorConfig(), clock=clock, sleep=clock.sleep) == 1
+    assert clock() - start == pytest.approx(1 + 2 + 4)
+    said = [line.split("; ")[-1] for line in capsys.readouterr().err.splitlines() if "restarting in" in line]
+    assert said == ["restarting in 1.0 s", "restarting in 2.0 s", "restarting in 4.0 s"]

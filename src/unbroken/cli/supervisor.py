@@ -69,9 +69,10 @@ class SupervisorConfig:
             restart counts as one without progress.
         max_restarts: restarts in a row without progress before giving up (``0``: give up at the
             first crash that made no progress).  A crash after progress always restarts.
-        backoff: seconds to wait before a restart that follows progress.
-        max_backoff: the cap of the wait, which doubles with each restart in a row without
-            progress: ``backoff * 2**k`` for the k-th.
+        backoff: seconds to wait before a restart that follows progress, and before the first
+            restart in a row without progress.
+        max_backoff: the cap of the wait, which doubles with each further restart in a row without
+            progress: ``backoff * 2**(k-1)`` before the k-th (1, 2, 4, ... s for ``backoff=1``).
         tail_lines: how many of the child's last stderr lines the give-up report shows.
     """
 
@@ -91,10 +92,13 @@ class SupervisorConfig:
         if self.run_dir is not None and os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
             raise ValueError(f"run directory {os.fspath(self.run_dir)!r} exists and is not a directory")
 
-    def delay(self, no_progress: int) -> float:
-        """Seconds to wait before a restart that is the ``no_progress``-th in a row without progress."""
+    def delay(self, doublings: int) -> float:
+        """Seconds to wait after the backoff doubled ``doublings`` times: ``backoff * 2**doublings``, capped.
+
+        The k-th restart in a row without progress waits ``delay(k - 1)``: the first wait is ``backoff``.
+        """
         # The cap on the exponent only avoids an OverflowError; max_backoff bounds the result anyway.
-        return min(self.max_backoff, self.backoff * 2.0 ** min(no_progress, 64))
+        return min(self.max_backoff, self.backoff * 2.0 ** min(doublings, 64))
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -312,7 +316,7 @@ class _Supervisor:
         else:
             self.no_progress += 1
             note = f"no progress: {self.no_progress}/{self.config.max_restarts}"
-        delay = self.config.delay(self.no_progress)
+        delay = self.config.delay(max(0, self.no_progress - 1))
         _say(f"child {_describe(returncode)}{self._at_step()} ({note}); restarting in {round(delay, 3)} s")
         return delay
 
