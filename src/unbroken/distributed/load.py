@@ -33,7 +33,7 @@ from .roles import tensor_refs
 from .shards import Box, as_like, is_dtensor, overlap, region_of, volume
 from .sources import DirectSource, Need, aligned
 
-__all__ = ["LoadPlan", "plan_load", "build_tensors", "apply", "load_single"]
+__all__ = ["LoadPlan", "plan_load", "build_tensors", "apply", "load_single", "read_whole"]
 
 _MAX_PAIRWISE = 64
 
@@ -199,3 +199,11 @@ def load_single(storage: Storage, name: str, manifest: Manifest, state: MutableM
     plan = plan_load(manifest, state, 0, 1, strict)
     data = DirectSource().fetch(storage, name, manifest, plan.needs)
     apply(plan, state, build_tensors(plan, manifest, data), strict, rng, 0)
+
+
+def read_whole(storage: Storage, name: str, manifest: Manifest, tensors: list[str]) -> dict[str, torch.Tensor]:
+    """The stored tensors named ``tensors``, each whole (a sharded one assembled from its pieces, on
+    one process) and owning its memory; only their bytes are read, every one verified."""
+    plan = LoadPlan({}, {tensor: _target(manifest, tensor, None) for tensor in tensors})
+    data = DirectSource().fetch(storage, name, manifest, plan.needs)
+    return build_tensors(plan, manifest, data)
