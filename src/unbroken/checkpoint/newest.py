@@ -32,7 +32,7 @@ OnCorrupt = Callable[[str, CorruptCheckpointError], bool]
 
 
 def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bool, rng: bool,
-                   on_corrupt: OnCorrupt | None = None) -> Manifest | None:
+                   on_corrupt: OnCorrupt | None = None, only: bool = False) -> Manifest | None:
     """Restore the newest valid checkpoint; ``None`` when there is none.
 
     Any failure to read a checkpoint skips it with a :class:`CheckpointSkippedWarning` and tries the
@@ -48,7 +48,7 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
         name = step_name(step)
         for attempt in range(2):  # a corrupt checkpoint replaced by on_corrupt is tried once more
             try:
-                return load_checkpoint(storage, name, state, strict=strict, rng=rng)
+                return load_checkpoint(storage, name, state, strict=strict, rng=rng, only=only)
             except StateMismatchError:
                 raise
             except CorruptCheckpointError as exc:

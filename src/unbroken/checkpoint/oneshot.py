@@ -44,21 +44,32 @@ def save(path: str | os.PathLike[str], state: Mapping[str, Any], *, step: int = 
 
 
 def load(path: str | os.PathLike[str], state: MutableMapping[str, Any], *, strict: bool = True,
-         rng: bool = True, storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
+         rng: bool | None = None, only: bool = False, storage_options: dict[str, Any] | None = None
+         ) -> CheckpointRecord:
     """Verify and restore the checkpoint at ``path`` into ``state``.
 
     ``path`` is a checkpoint directory, or a run directory (its newest valid checkpoint is used);
     either may be a URL (``s3://bucket/run``), with ``storage_options`` for fsspec.
+
+    ``only=True`` restores exactly the entries of ``state`` and nothing else, e.g. the model for
+    inference, ``unbroken.load(run, {"model": model}, only=True)``: the saved entries ``state`` does not
+    name (the optimizer, the data loader...) are ignored without a warning and not even read; the
+    entries it names must be in the checkpoint and fit (``strict`` applies to them as usual).  The
+    global random streams are restored only with ``rng=True``: ``rng`` defaults to True (resuming a
+    training run restores them), and to False with ``only=True`` (loading a model for inference must
+    not change the caller's random numbers).
     """
+    restore_rng = not only if rng is None else rng
     url = is_url(path)
     full = os.fspath(path).rstrip("/") if url else os.path.abspath(os.fspath(path))
     if is_checkpoint_dir(full, storage_options):
         storage, name = split_checkpoint_path(full, storage_options)
-        return record_of(storage, name, load_checkpoint(storage, name, state, strict=strict, rng=rng))
+        manifest = load_checkpoint(storage, name, state, strict=strict, rng=restore_rng, only=only)
+        return record_of(storage, name, manifest)
     if not url and not os.path.isdir(full):
         raise CheckpointNotFoundError(f"{full}: no such checkpoint or run directory")
     run = open_run(full, storage_options)
-    manifest = restore_newest(run, state, strict=strict, rng=rng)
-    if manifest is None:
+    found = restore_newest(run, state, strict=strict, rng=restore_rng, only=only)
+    if found is None:
         raise CheckpointNotFoundError(f"{full}: holds no valid checkpoint (no manifest.json, no step_* directory)")
-    return record_of(run, os.path.basename(f"step_{manifest.step:09d}"), manifest)
+    return record_of(run, os.path.basename(f"step_{found.step:09d}"), found)
