@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .checkpoint.inspection import CheckpointInfo, TensorInfo, is_checkpoint, list_checkpoints, read_info, verify
     from .checkpoint.listing import CheckpointRecord
     from .checkpoint.oneshot import load, save
-    from .data import DataLoader, ResumableSampler
+    from .data import DataLoader, ResumableSampler, make_resumable
     from .interchange.diff import diff
     from .interchange.export import export
     from .interchange.importing import import_checkpoint
@@ -57,7 +57,7 @@ _LAZY = {
     "CheckpointInfo": "checkpoint.inspection", "TensorInfo": "checkpoint.inspection",
     "CheckpointRecord": "checkpoint.listing",
     "KeepLast": "manager.retention", "KeepBest": "manager.retention", "KeepEvery": "manager.retention",
-    "DataLoader": "data", "ResumableSampler": "data",
+    "DataLoader": "data", "ResumableSampler": "data", "make_resumable": "data",
     "Preempted": "manager.preemption", "EXIT_PREEMPTED": "manager.preemption",
     "prune": "manager.maintenance", "PruneResult": "manager.maintenance",
     "copy_checkpoints": "manager.maintenance", "quarantine_corrupt": "manager.maintenance",
@@ -68,7 +68,7 @@ _LAZY = {
 __all__ = [
     "__version__", "CheckpointManager", "CheckpointRecord", "save", "load",
     "list_checkpoints", "read_info", "verify", "is_checkpoint", "CheckpointInfo", "TensorInfo",
-    "KeepLast", "KeepBest", "KeepEvery", "DataLoader", "ResumableSampler",
+    "KeepLast", "KeepBest", "KeepEvery", "DataLoader", "ResumableSampler", "make_resumable",
     "UnbrokenError", "CorruptCheckpointError", "PartialRestoreError", "UnsupportedFormatError",
     "UnserializableStateError",
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
