@@ -115,6 +115,23 @@ def test_a_large_tensor_is_compared_in_chunks_without_losing_the_maximum(tmp_pat
     assert result.differing == 3 and result.max_abs is not None and math.isnan(result.max_abs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
+                                   torch.float8_e5m2, torch.complex64, torch.complex128, torch.int8, torch.uint8,
+                                   torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64, torch.uint64])
+def test_every_dtype_reports_its_differences(dtype: torch.dtype) -> None:
+    a = torch.tensor([1, 2, 3, 0], dtype=torch.int32).to(dtype)
+    b = torch.tensor([1, 2, 5, 0], dtype=torch.int32).to(dtype)
+    assert compare.compare_tensors(a, a.clone()) == compare.Comparison(4, 0, 0.0, 0.0)
+    assert compare.compare_tensors(a, b) == compare.Comparison(4, 1, 2.0, 2.0 / 5.0)
+    exact = not (a.is_floating_point() or a.is_complex())
+    assert compare.compare_tensors(a, b, atol=2.0).differing == (1 if exact else 0)
+
+
+def test_unequal_integers_beyond_float64_precision_are_never_zero_apart() -> None:
+    result = compare.compare_tensors(torch.tensor([2**60]), torch.tensor([2**60 + 1]))
+    assert (result.differing, result.max_abs) == (1, 1.0)
+
+
 def test_missing_tensors_and_entries_are_reported_on_their_side(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     a = save(tmp_path / "a", {"model": {"w": torch.ones(2), "extra": torch.ones(1)}, "ema": {"w": torch.ones(2)}})
