@@ -230,7 +230,7 @@ HOSTILE: list[tuple[str, Any, int | None, str]] = [
     ("null", None, 0, "not a JSON object"),
     ("entry-not-object", {"a": [1, 2]}, 0, "is not an object"),
     ("unknown-dtype", {"a": _entry(dtype="F128")}, 8, "unknown dtype"),
-    ("complex-dtype", {"a": _entry(dtype="C64")}, 8, "unknown dtype"),
+    ("complex-dtype", {"a": _entry(dtype="C128")}, 8, "unknown dtype"),  # safetensors has C64, not C128
     ("missing-dtype", {"a": {"shape": [2], "data_offsets": [0, 8]}}, 8, "unknown dtype"),
     ("negative-dim", {"a": _entry(shape=(-2,))}, 8, "invalid shape"),
     ("bool-dim", {"a": _entry(shape=[True, 2])}, 8, "invalid shape"),

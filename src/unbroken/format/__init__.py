@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._internal.lazy import lazy_attributes
-from .dtypes import ITEMSIZES, dtype_name
+from .dtypes import ITEMSIZES, check_storable, dtype_name
 from .header import MAX_HEADER_BYTES, PREFIX_BYTES, TensorSpan, build_header, header_length, parse_header
 from .manifest import (
     FORMAT_VERSION,
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from .dtypes import DTYPE_TO_NAME, NAME_TO_DTYPE
 
 __all__ = [
-    "ITEMSIZES", "DTYPE_TO_NAME", "NAME_TO_DTYPE", "dtype_name", "MAX_HEADER_BYTES", "PREFIX_BYTES", "TensorSpan",
-    "build_header", "header_length", "parse_header", "FORMAT_VERSION", "MANIFEST_NAME", "MAX_MANIFEST_BYTES",
+    "ITEMSIZES", "DTYPE_TO_NAME", "NAME_TO_DTYPE", "dtype_name", "check_storable", "MAX_HEADER_BYTES", "PREFIX_BYTES",
+    "TensorSpan", "build_header", "header_length", "parse_header", "FORMAT_VERSION", "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "FileEntry", "Manifest", "TensorEntry", "ShardEntry", "ShardedTensor", "check_file_name", "seal",
 ]
 

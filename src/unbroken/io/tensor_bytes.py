@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnserializableStateError
+from ..format import check_storable
 
 __all__ = ["host_tensor", "byte_view", "dense_values"]
 
@@ -14,11 +14,7 @@ __all__ = ["host_tensor", "byte_view", "dense_values"]
 def dense_values(tensor: torch.Tensor, where: str) -> torch.Tensor:
     """The tensor's plain values on its own device (conjugate/negative views resolved), or a clear
     error for a layout that has no raw bytes."""
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type == "meta":
-        raise UnserializableStateError(
-            f"{where}: {tensor.layout} / quantized / meta tensors cannot be saved as raw bytes. "
-            "Fix: convert it to a dense tensor (e.g. .to_dense()) before saving."
-        )
+    check_storable(tensor, where)
     return tensor.detach().resolve_conj().resolve_neg()
 
 

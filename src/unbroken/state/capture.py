@@ -10,6 +10,7 @@ import torch
 
 from ..data import needs_adoption
 from ..errors import UnserializableStateError
+from ..format.dtypes import check_storable
 from ..format.values import Json, encode
 from .objects import RESERVED_PREFIX, Kind, classify, unwrap_module
 from .rng import capture_rng
@@ -27,6 +28,7 @@ class Snapshot:
     state: dict[str, Json] = field(default_factory=dict)
 
     def add_tensor(self, path: str, tensor: torch.Tensor) -> str:
+        check_storable(tensor, path)  # here, before any later step trips over a tensor without plain bytes
         name, n = path, 1
         while name in self.tensors:  # keys containing "/" could collide with nested paths
             n += 1
