@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,18 @@ def test_runs_compare_their_newest_checkpoint_or_the_steps_given(tmp_path: Path,
     assert run_cli(capsys, "diff", tmp_path / "run", tmp_path / "run", "--step-a", "2", "--step-b", "2")[0] == 0
     code, _, err = run_cli(capsys, "diff", tmp_path / "run", tmp_path / "other", "--step-a", "7")
     assert code == 2 and "no checkpoint of step 7 (steps there: 1, 2)" in err
+
+
+def test_urls_compare_like_local_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = f"memory://unbroken-diff-{uuid.uuid4().hex}/run"
+    for step in (1, 2):
+        unbroken.save(f"{run}/{step_name(step)}", weights(i0=float(step)), step=step, rng=False)
+    local = save(tmp_path / "local", weights(i0=2.0), step=2)
+    assert unbroken.diff(run, local).identical  # the run's newest step
+    code, out, _ = run_cli(capsys, "diff", run, f"{run}/{step_name(2)}", "--step-a", "1")
+    assert code == 1 and f"A: {run}/{step_name(1)}  (step 1)" in out
+    code, _, err = run_cli(capsys, "diff", f"{run}/{step_name(3)}", local)
+    assert code == 2 and f"{run}/{step_name(3)}" in err
 
 
 def test_json_output_is_one_strict_document_with_the_documented_shape(tmp_path: Path,
