@@ -44,6 +44,9 @@ _SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
 # Exceptions of the transport stack: translated into StorageError; anything else (a bug) propagates.
 _TRANSPORT_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "fsspec",
                                 "urllib3", "requests", "google", "azure", "ssl", "socket", "asyncio"})
+# Failures of these leave the store as it was: their advice is about reaching and reading it, not saving.
+_READ_ACTIONS = frozenset({"list", "look up", "look up the bucket of", "read"})
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oci"})  # URL = bucket/key
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
              "abfss": "adlfs", "adl": "adlfs", "oci": "ocifs", "hf": "huggingface_hub"}
 
@@ -148,8 +151,9 @@ class FsspecStorage(Storage):
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         # S3 (s3fs) creates the manifest with If-None-Match: *; elsewhere a create is check-then-write.
         self.atomic_create = bool(protocols & {"s3", "s3a"}) and self._has_create_mode()
+        self._bucketed = bool(protocols & _BUCKET_PROTOCOLS)
         if not create and not self._any_object(self.root):
-            raise CheckpointNotFoundError(f"{self.url}: no such run (no objects under it)")
+            raise self._no_run()
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.url!r}, storage_options={redacted(self._options)!r})"
@@ -199,11 +203,34 @@ class FsspecStorage(Storage):
                                        f"{self.url}")
         elif isinstance(exc, FileNotFoundError):
             code, fix = errno.ENOENT, f"check that the bucket of {self.url} exists (create it first) and the URL"
+        elif action in _READ_ACTIONS:
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            fix = (f"check the endpoint (storage_options client_kwargs.endpoint_url), the network, the credentials "
+                   f"and that the bucket of {self.url} exists; a read changes nothing, so retrying is safe")
         else:
             code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
             fix = ("check the endpoint, the network and the store's status; retrying is safe: a failed "
                    "save leaves no committed checkpoint and earlier checkpoints are intact")
         return StorageError(code, f"{action} {where} failed: {reason}. Fix: {fix}")
+
+    def _no_run(self) -> CheckpointNotFoundError:
+        """Nothing under the run's URL: say whether its bucket is missing (one more request, on this
+        error path only), since a wrong bucket, credentials or endpoint all look like an empty run."""
+        bucket = self.root.lstrip("/").partition("/")[0]
+        if self._bucketed and bucket and not self.is_bucket(bucket):
+            return CheckpointNotFoundError(
+                f"{self.url}: no such run: the bucket {bucket!r} does not exist at this endpoint or these "
+                "credentials cannot see it. Fix: check the bucket name, the credentials and the endpoint "
+                "(storage_options client_kwargs.endpoint_url)")
+        return CheckpointNotFoundError(f"{self.url}: no such run (no objects under it). Fix: check the URL; "
+                                       "the credentials and endpoint must be those of the store that holds it")
+
+    def is_bucket(self, bucket: str) -> bool:
+        try:
+            with self.failures("look up the bucket of", self.url, missing=Missing):
+                return bool(self.fs.exists(bucket))
+        except Missing:
+            return False
 
     # -- small operations -------------------------------------------------------------------------
     def _objects(self, prefix: str) -> dict[str, dict[str, Any]]:
