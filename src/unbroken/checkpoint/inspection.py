@@ -12,6 +12,7 @@ from ..format import Manifest
 from ..format.dtypes import itemsize
 from ..format.values import decode
 from ..io import read_manifest, verify_checkpoint
+from ..io.reader import VerifyProgress
 from ..storage import is_url
 from ..storage.paths import is_checkpoint_dir, open_run, split_checkpoint_path
 from .listing import CheckpointRecord, check_named_step, decode_metrics, record_of, scan, scan_quarantined
@@ -82,9 +83,12 @@ def read_info(path: str | os.PathLike[str], storage_options: dict[str, Any] | No
     return CheckpointInfo(manifest, state, decode_metrics(manifest.metrics))
 
 
-def verify(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
-    """Check every byte of the checkpoint at ``path``; raises :class:`CorruptCheckpointError`."""
+def verify(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *,
+           progress: VerifyProgress | None = None) -> CheckpointRecord:
+    """Check every byte of the checkpoint at ``path``; raises :class:`CorruptCheckpointError`.
+    ``progress(name, total_bytes)`` may return a callback that receives the bytes checked (as in
+    :func:`unbroken.copy_checkpoints`)."""
     storage, name = split_checkpoint_path(path, storage_options)
-    manifest = verify_checkpoint(storage, name)
+    manifest = verify_checkpoint(storage, name, progress)
     check_named_step(storage, name, manifest)
     return record_of(storage, name, manifest)

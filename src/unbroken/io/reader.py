@@ -8,7 +8,7 @@ Allocations never exceed the size of a file that actually exists.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 __all__ = ["read_manifest", "read_manifest_bytes", "read_tensors", "mapped_tensors", "verify_checkpoint",
            "check_tensor_file", "check_crc"]
+
+VerifyProgress = Callable[[str, int], Callable[[int], None] | None]
+"""``progress(name, total_bytes)`` -> a callback for the bytes checked, or None (as copy_checkpoints reports)."""
 
 # verify_checkpoint reads each file's data in windows of at most this many bytes (the whole of a large
 # tensor is never in memory at once); as large as one batch of FsspecStorage's parallel ranged GETs.
@@ -117,13 +120,19 @@ def _typed(piece: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
         return piece.clone().view(torch_dtype(entry.dtype)).view(entry.shape)
 
 
-def verify_checkpoint(storage: Storage, name: str) -> Manifest:
+def verify_checkpoint(storage: Storage, name: str, progress: VerifyProgress | None = None) -> Manifest:
     """Check every byte of checkpoint ``name``; its manifest, or :class:`CorruptCheckpointError`.
 
-    The same checks, in the same order, as reading every tensor, over plain bytes (no torch)."""
+    The same checks, in the same order, as reading every tensor, over plain bytes (no torch).
+    ``progress(name, total_bytes)``, called once the manifest is read, may return a callback that
+    receives the bytes checksummed so far (they add up to ``total_bytes`` when every check passes)."""
     manifest = read_manifest(storage, name)
+    files = _by_file(manifest)
+    advance = None
+    if progress is not None:
+        advance = progress(name, sum(entry.end - entry.begin for entries in files.values() for _, entry in entries))
     for handle, entries, where in _checked_files(storage, name, manifest):
-        _verify_data(handle, entries, where)
+        _verify_data(handle, entries, where, advance)
     return manifest
 
 
@@ -138,7 +147,8 @@ def _checked_files(storage: Storage, name: str, manifest: Manifest
             yield handle, sorted(entries, key=lambda e: e[1].begin), where
 
 
-def _verify_data(handle: ReadHandle, entries: list[tuple[str, TensorEntry]], where: str) -> None:
+def _verify_data(handle: ReadHandle, entries: list[tuple[str, TensorEntry]], where: str,
+                 advance: Callable[[int], None] | None) -> None:
     """Checksum each of ``entries`` (sorted by offset, matched to the file's spans) from windows of
     the file read in order: one read covers many small tensors, a large tensor takes several."""
     if not entries:
@@ -154,6 +164,8 @@ def _verify_data(handle: ReadHandle, entries: list[tuple[str, TensorEntry]], whe
                 handle.read_into(window_at, buffer[:window_len])
             upto = min(entry.end, window_at + window_len)
             found = crc32c(buffer[at - window_at:upto - window_at], found)
+            if advance is not None:
+                advance(upto - at)
             at = upto
         _check_found(found, tensor_name, entry, where)
 

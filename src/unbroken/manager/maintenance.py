@@ -16,7 +16,7 @@ from typing import Any
 
 from ..checkpoint.listing import CheckpointRecord, check_named_step, scan, with_newest_verified
 from ..checkpoint.transfer import CopyResult, copy_checkpoint
-from ..errors import CorruptCheckpointError, is_damage
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, is_damage
 from ..io import verify_checkpoint
 from ..storage import LocalStorage, Storage, is_url, step_name
 from ..storage.base import parse_quarantine_name
@@ -131,21 +131,48 @@ def copy_checkpoints(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     """Copy the valid checkpoints of run ``src`` (or only ``step``, or only the newest) into run ``dst``.
 
     ``storage_options`` apply to whichever side is a URL.  ``progress(name, total_bytes)`` may return a
-    callback that receives the bytes copied.  Raises on the first failed copy; what was committed
-    before it stays committed.
+    callback that receives the bytes copied; it is called when a checkpoint's first bytes move, so never
+    for a step ``dst`` already has.  A ``step`` that ``src`` does not have (or has, but not valid)
+    raises :class:`CheckpointNotFoundError` (:class:`CorruptCheckpointError`) naming the steps there.
+    Raises on the first failed copy; what was committed before it stays committed.
     """
     source = open_run(src, storage_options if is_url(src) else None)
+    records = _to_copy(source, step, latest)
     dest = open_run(dst, storage_options if is_url(dst) else None, create=True)
-    records = [r for r in scan(source) if r.valid]
-    if step is not None:
-        records = [r for r in records if r.step == step]
-    elif latest:
-        records = records[-1:]
     results = []
     for record in records:
         name = step_name(record.step)
-        advance = progress(name, record.size) if progress is not None else None
+        advance = _on_first_bytes(progress, name, record.size) if progress is not None else None
         # A local source is verified before upload; a remote one is verified where it lands.
         results.append(copy_checkpoint(source, dest, name, verify_source=isinstance(source, LocalStorage),
                                        progress=advance))
     return results
+
+
+def _to_copy(source: Storage, step: int | None, latest: bool) -> list[CheckpointRecord]:
+    records = scan(source)
+    valid = [r for r in records if r.valid]
+    if step is None:
+        return valid[-1:] if latest else valid
+    for record in records:
+        if record.step == step and not record.valid:
+            raise CorruptCheckpointError(f"{source.url}: step {step} is not valid, not copied: {record.problem}")
+    chosen = [r for r in valid if r.step == step]
+    if not chosen:
+        there = ", ".join(str(r.step) for r in records) or "none"
+        raise CheckpointNotFoundError(f"{source.url}: no step {step} (steps there: {there})")
+    return chosen
+
+
+def _on_first_bytes(progress: Callable[[str, int], Callable[[int], None] | None], name: str, total: int
+                    ) -> Callable[[int], None]:
+    """A bytes callback that asks ``progress`` for the real one when the first bytes arrive."""
+    advance: list[Callable[[int], None] | None] = []
+
+    def moved(n: int) -> None:
+        if not advance:
+            advance.append(progress(name, total))
+        callback = advance[0]
+        if callback is not None:
+            callback(n)
+    return moved
