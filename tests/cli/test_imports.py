@@ -59,6 +59,12 @@ def test_import_unbroken_is_torch_free_until_the_manager_is_used() -> None:
     assert result == {"before": False, "after": True}
 
 
+def test_version_does_not_import_torch() -> None:
+    result, printed = cli("--version")
+    assert result == {"code": 0, "torch": False}
+    assert printed == f"unbroken {unbroken.__version__}\n"
+
+
 def test_run_help_does_not_import_torch() -> None:
     result, printed = cli("run", "--help")
     assert result == {"code": 0, "torch": False}
@@ -102,4 +108,5 @@ def test_verify_of_a_corrupt_checkpoint_does_not_import_torch(run: Path) -> None
 def test_show_does_not_import_torch(run: Path) -> None:
     result, printed = cli("show", str(run / step_name(2)))
     assert result == {"code": 0, "torch": False}, printed
-    assert "step 2" in printed and "w  (value, 1 tensors, 3.9 KB)" in printed and "F32 [1000]  3.9 KB" in printed
+    # Sizes in decimal units (issue 16: one convention everywhere), "3.9 KB" in units of 1024 before.
+    assert "step 2" in printed and "w  (value, 1 tensors, 4.0 kB)" in printed and "F32 [1000]  4.0 kB" in printed

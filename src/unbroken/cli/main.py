@@ -4,8 +4,12 @@ Every run or checkpoint argument may be a local path or a URL (``s3://bucket/run
 passes fsspec storage options (an endpoint, a region) for URLs.
 
 Start-up stays cheap: library names are reached through the lazy ``unbroken`` package or imported by
-the command that runs, so ``--help``, ``run``, ``ls`` and ``verify`` never import torch
+the command that runs, so ``--help``, ``--version``, ``run``, ``ls`` and ``verify`` never import torch
 (tests/cli/test_imports.py).
+
+Output into a pipe that closes early (``unbroken ls --json | head``) ends the command quietly, as Unix
+tools end: no traceback, no message, exit status 141 (128 + SIGPIPE, what a shell reports for a tool
+that SIGPIPE ended; ``set -o pipefail`` sees it as for ``seq 1000000 | head -1``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,19 +28,48 @@ import unbroken
 from unbroken.cli.diff_command import add_diff
 from unbroken.cli.export_command import add_export
 from unbroken.cli.import_command import add_import
+from unbroken.cli.progress import ProgressBars
 from unbroken.cli.storage_commands import add_cp, add_prune, add_storage_option, storage_options
+from unbroken.cli.targets import check_exists, checkpoint_of, no_checkpoints
+from unbroken.cli.units import format_size
 
 __all__ = ["main"]
 
 _LIST_PREVIEW = 6
+EXIT_PIPE_CLOSED = 141
+"""The exit status when the reader of our output went away: 128 + SIGPIPE, as for a tool SIGPIPE ended."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _escape_unprintable_output()
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        try:
+            code = _dispatch(_parser().parse_args(argv))
+        finally:  # also after --help (SystemExit): what is still buffered goes out here, or fails here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _output_closed()
+    return code
+
+
+def _output_closed() -> int:
+    """Stop quietly after the reader of stdout went away.  Storage failures reach here translated
+    (StorageError), so a BrokenPipeError is our own output's.  stdout is pointed at /dev/null so that
+    Python's last flush of what is still buffered cannot fail, and print a traceback, a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no file descriptor (captured in-process): nothing to flush
+        pass
+    return EXIT_PIPE_CLOSED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.run(args))
+    except BrokenPipeError:
+        raise
     except (unbroken.CheckpointNotFoundError, NotADirectoryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,20 +97,27 @@ def _escape_unprintable_output() -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unbroken", description="Inspect, verify, prune and copy unbroken "
                                      "checkpoints; supervise a training command.")
+    parser.add_argument("--version", action="version", version=f"unbroken {unbroken.__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    ls = sub.add_parser("ls", help="list the checkpoints of a run directory")
-    ls.add_argument("run_dir")
+    ls = sub.add_parser("ls", help="list the checkpoints of a run directory (or describe one checkpoint)",
+                        epilog="Exit status: 0 all listed are valid; 1 one is not, or there are no checkpoints; "
+                               "2 no such path. --json: metrics are JSON numbers at full precision; a "
+                               'non-finite one is the string "nan", "inf" or "-inf" (float() reads it back).')
+    ls.add_argument("run_dir", metavar="PATH", help="a run directory, or one checkpoint directory")
     ls.add_argument("--verify", action="store_true", help="check every checksum (reads all data)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     add_storage_option(ls)
     ls.set_defaults(run=_ls)
     show = sub.add_parser("show", help="show a checkpoint's state tree with shapes, dtypes and sizes")
-    show.add_argument("checkpoint")
+    show.add_argument("checkpoint", metavar="PATH", help="a checkpoint directory, or a run directory (its newest "
+                                                         "valid checkpoint, or --step N)")
+    show.add_argument("--step", type=int, metavar="N", help="with a run directory: show its checkpoint of step N")
     show.add_argument("--values", action="store_true", help="print every non-tensor value in full")
     add_storage_option(show)
     show.set_defaults(run=_show)
     verify = sub.add_parser("verify", help="check every byte of a checkpoint (or of every checkpoint of a run)")
     verify.add_argument("path")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
     verify.add_argument("--quarantine", action="store_true",
                         help="move the corrupt checkpoints of a run out of the way (corrupt-step_N-...), as "
                              "restore does: never restored or counted again, their steps can be saved anew")
@@ -115,27 +156,48 @@ def _add_run(sub: Any) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=storage_options(args),
-                                        quarantined=True)
+    options = storage_options(args)
+    check_exists(args.run_dir)
+    if unbroken.is_checkpoint(args.run_dir, options):  # one checkpoint: its row, as in a listing of its run
+        records = [_one_record(args.run_dir, args.verify, options)]
+    else:
+        records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=options,
+                                            quarantined=True)
     # A quarantined checkpoint is damage already dealt with: listed, but not a reason to fail.
-    ok = all(r.valid or r.quarantined for r in records)
+    ok = bool(records) and all(r.valid or r.quarantined for r in records)
     if args.json:
-        print(json.dumps([_record_json(r, args.verify) for r in records], indent=1))
+        print(json.dumps([_record_json(r, args.verify) for r in records], indent=1, allow_nan=False))
+        if not records:
+            print(no_checkpoints(args.run_dir), file=sys.stderr)
         return 0 if ok else 1
+    if not records:
+        print(no_checkpoints(args.run_dir), file=sys.stderr)
+        return 1
     rows = [("STEP", "AGE", "SIZE", "VALID", "METRICS")]
     for r in records:
         metrics = " ".join(f"{_text(k)}={_number(v)}" for k, v in r.metrics.items())
         if r.quarantined:
             metrics = r.path.rsplit("/", 1)[-1]
-        rows.append((str(r.step), _age(r.created), _size(r.size) if not r.quarantined else "-",
+        rows.append((str(r.step), _age(r.created), format_size(r.size) if not r.quarantined else "-",
                      _status(r, args.verify), metrics))
     _print_table(rows)
     for r in records:
         if not r.valid:
             print(f"step {r.step}: {r.problem}", file=sys.stderr)
-    if not records:
-        print(f"(no checkpoints in {args.run_dir})")
     return 0 if ok else 1
+
+
+def _one_record(path: str, verify: bool, options: dict[str, Any] | None) -> unbroken.CheckpointRecord:
+    """The row of checkpoint ``path``: its manifest (every byte with ``verify``), or why it is not valid."""
+    try:
+        if verify:
+            return unbroken.verify(path, options)
+        info = unbroken.read_info(path, options)
+    except unbroken.CorruptCheckpointError as exc:
+        return unbroken.CheckpointRecord(step=_step_of(path), path=path, valid=False, problem=str(exc))
+    m = info.manifest
+    return unbroken.CheckpointRecord(step=m.step, path=path, created=m.created, size=m.total_bytes,
+                                     metrics=info.metrics)
 
 
 def _status(record: unbroken.CheckpointRecord, verified: bool) -> str:
@@ -149,16 +211,29 @@ def _status(record: unbroken.CheckpointRecord, verified: bool) -> str:
 
 
 def _record_json(r: unbroken.CheckpointRecord, verified: bool) -> dict[str, Any]:
-    return {"step": r.step, "path": r.path, "created": r.created, "size": r.size, "valid": r.valid,
+    return {"step": r.step, "path": r.path, "created": _json_number(r.created), "size": r.size, "valid": r.valid,
             "verified": verified and r.valid, "quarantined": r.quarantined, "problem": r.problem,
-            "metrics": {k: _number(v) for k, v in r.metrics.items()}}
+            "metrics": {k: _json_number(v) for k, v in r.metrics.items()}}
+
+
+def _json_number(value: Any) -> Any:
+    """A value for --json: numbers stay numbers at full precision; a non-finite float, which JSON
+    cannot hold, is the string "nan", "inf" or "-inf" (float() reads it back); None is null; what a
+    foreign manifest holds instead is text, as in the table."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if value is None:
+        return None
+    return _number(value)
 
 
 def _show(args: argparse.Namespace) -> int:
-    info = unbroken.read_info(args.checkpoint, storage_options(args))
+    options = storage_options(args)
+    path = checkpoint_of(args.checkpoint, args.step, options)
+    info = unbroken.read_info(path, options)
     m = info.manifest
-    print(f"checkpoint {args.checkpoint}")
-    print(f"  step {m.step}, created {_time(m.created)}, {_size(m.total_bytes)} in {len(m.files)} file(s), "
+    print(f"checkpoint {path}")
+    print(f"  step {m.step}, created {_time(m.created)}, {format_size(m.total_bytes)} in {len(m.files)} file(s), "
           f"{len(m.tensors)} tensors, format {m.format_version}, world size {m.world_size}")
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     if info.metrics:
@@ -167,7 +242,7 @@ def _show(args: argparse.Namespace) -> int:
         print(f"  metadata: {_clip(json.dumps(m.metadata), args.values)}")
     for key, (kind, value) in info.state.items():
         tensors = list(_tensors(value))
-        print(f"{key}  ({kind}, {len(tensors)} tensors, {_size(sum(t.nbytes for t in tensors))})")
+        print(f"{key}  ({kind}, {len(tensors)} tensors, {format_size(sum(t.nbytes for t in tensors))})")
         _show_tree(value, "  ", args.values)
     return 0
 
@@ -203,7 +278,7 @@ def _children(value: Any) -> list[tuple[Any, Any]] | None:
 
 def _leaf(value: Any, full: bool) -> str:
     if isinstance(value, unbroken.TensorInfo):
-        return f"{value.dtype} {list(value.shape)}  {_size(value.nbytes)}"
+        return f"{value.dtype} {list(value.shape)}  {format_size(value.nbytes)}"
     if not full and isinstance(value, (list, tuple)) and len(value) > _LIST_PREVIEW:
         return f"<{type(value).__name__} of {len(value)} items>"
     return _clip(_text(value, repr), full)
@@ -237,19 +312,21 @@ def _tensors(value: Any) -> Iterator[unbroken.TensorInfo]:
 
 def _verify(args: argparse.Namespace) -> int:
     options = storage_options(args)
+    check_exists(args.path)
     if unbroken.is_checkpoint(args.path, options):
         targets = [args.path]
     else:
         targets = [r.path for r in unbroken.list_checkpoints(args.path, storage_options=options)]
         if not targets:
-            print(f"no checkpoints in {args.path}", file=sys.stderr)
+            print(no_checkpoints(args.path), file=sys.stderr)
             return 1
     bad = unreadable = 0
     corrupt: list[int] = []
     for target in targets:
         try:
-            record = unbroken.verify(target, options)
-            print(f"OK       {target}  step {record.step}, {_size(record.size)} verified")
+            with ProgressBars(enabled=not args.no_progress) as bars:
+                record = unbroken.verify(target, options, progress=bars)
+            print(f"OK       {target}  step {record.step}, {format_size(record.size)} verified")
         except (unbroken.CorruptCheckpointError, unbroken.CheckpointNotFoundError) as exc:
             bad += 1
             corrupt.append(_step_of(target))
@@ -303,18 +380,6 @@ def _number(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and _text(value).lstrip("-").isdigit():
         return value
     return _text(value, repr)
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for power, unit in enumerate(("KB", "MB", "GB", "TB"), start=1):
-        if n < 1024 ** (power + 1) or unit == "TB":
-            try:
-                return f"{n / 1024 ** power:.1f} {unit}"
-            except OverflowError:  # a manifest may claim more bytes than a float holds
-                break
-    return f"{n} B"
 
 
 def _age(created: float | None) -> str:

@@ -26,7 +26,7 @@ from unbroken.cli.units import UNIT_DIVISOR
 __all__ = ["DELAY_S", "ProgressBar", "ProgressBars", "wanted"]
 
 DELAY_S = 2.0
-"""Operations shorter than this draw no bar at all."""
+"""Operations shorter than this draw no bar at all (the default ``delay``, read when a bar is made)."""
 
 
 def wanted(stream: TextIO | None = None, enabled: bool = True) -> bool:
@@ -44,10 +44,11 @@ class ProgressBar:
     count, so an operation that moves no bytes (a step already present) draws nothing."""
 
     def __init__(self, label: str, total: int | None, *, enabled: bool = True, stream: TextIO | None = None,
-                 delay: float = DELAY_S, unit: str = "B") -> None:
+                 delay: float | None = None, unit: str = "B") -> None:
         self._stream = sys.stderr if stream is None else stream
         self._enabled = wanted(self._stream, enabled)
-        self._label, self._total, self._delay, self._unit = label, total, delay, unit
+        self._label, self._total, self._unit = label, total, unit
+        self._delay = DELAY_S if delay is None else delay
         self._bar: Any = None
 
     def update(self, n: int) -> None:
@@ -78,7 +79,7 @@ class ProgressBars:
     the new one's ``update`` (the library's progress-callback protocol).  Use as a context manager
     so the last bar is closed however the operation ends."""
 
-    def __init__(self, *, enabled: bool = True, stream: TextIO | None = None, delay: float = DELAY_S) -> None:
+    def __init__(self, *, enabled: bool = True, stream: TextIO | None = None, delay: float | None = None) -> None:
         self._stream, self._delay = stream, delay
         self._enabled = wanted(stream, enabled)
         self._bar: ProgressBar | None = None

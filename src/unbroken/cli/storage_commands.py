@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import unbroken
+from unbroken.cli.progress import ProgressBars
+from unbroken.cli.units import format_size
 
 __all__ = ["add_storage_option", "storage_options", "add_prune", "add_cp"]
 
@@ -79,13 +81,19 @@ def add_retention_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from unbroken.manager.retention import RETENTION_OPTIONS
+    from unbroken.cli.targets import check_exists
+    from unbroken.manager.retention import RETENTION_OPTIONS, policies_from
 
+    rules = {name: getattr(args, name) for name in RETENTION_OPTIONS}
     try:
-        result = unbroken.prune(args.run_dir, **{name: getattr(args, name) for name in RETENTION_OPTIONS},
-                                invalid=args.invalid, dry_run=args.dry_run, storage_options=storage_options(args))
+        if not policies_from(**rules) and not args.invalid:
+            raise ValueError("prune needs a rule: --keep-last N, --keep-best N --best-metric NAME, --keep-every N "
+                             "or --invalid (see unbroken prune --help)")
+        check_exists(args.run_dir)
+        result = unbroken.prune(args.run_dir, **rules, invalid=args.invalid, dry_run=args.dry_run,
+                                storage_options=storage_options(args))
     except ValueError as exc:
-        print(f"unbroken prune: error: {exc}", file=sys.stderr)
+        print(f"unbroken prune: error: {_as_flags(str(exc), RETENTION_OPTIONS)}", file=sys.stderr)
         return 2
     verb = "would delete" if args.dry_run else "deleted"
     for record in result.deleted:
@@ -99,6 +107,12 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"removed      {leftover} (abandoned partial save)")
     print(f"kept {len(result.kept)} checkpoint(s): {[r.step for r in result.kept]}")
     return 1 if result.failed else 0
+
+
+def _as_flags(message: str, names: Any) -> str:
+    """The library names its Python arguments (``keep_best``); on the command line they are flags."""
+    pattern = r"\b(" + "|".join(re.escape(name) for name in names) + r")\b"
+    return re.sub(pattern, lambda found: "--" + found.group(1).replace("_", "-"), message)
 
 
 # -- cp -------------------------------------------------------------------------------------------------
@@ -118,55 +132,25 @@ def add_cp(sub: Any) -> None:
 
 
 def _cp(args: argparse.Namespace) -> int:
+    from unbroken.cli.targets import check_exists
+
     try:
         options = storage_options(args)
     except ValueError as exc:
         print(f"unbroken cp: error: {exc}", file=sys.stderr)
         return 2
-    bars: list[_ProgressBar] = []
-
-    def progress(name: str, total: int) -> Callable[[int], None] | None:
-        for bar in bars:
-            bar.close()
-        bars[:] = [_ProgressBar(name, total, enabled=not args.no_progress)]
-        return bars[0].update
-
-    try:
+    check_exists(args.src)
+    # A bar appears when a checkpoint's first bytes move: none for a step DST already has.
+    with ProgressBars(enabled=not args.no_progress) as bars:
         results = unbroken.copy_checkpoints(args.src, args.dst, step=args.step, latest=args.latest,
-                                            storage_options=options, progress=progress)
-    finally:
-        for bar in bars:
-            bar.close()
+                                            storage_options=options, progress=bars)
     if not results:
         print(f"no valid checkpoint to copy in {args.src}", file=sys.stderr)
         return 1
     for result in results:
         if result.copied:
-            print(f"copied   {result.name}  {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s "
-                  f"({result.mb_per_s:.0f} MB/s)")
+            print(f"copied   {result.name}  {format_size(result.bytes)} in {result.seconds:.1f} s "
+                  f"({format_size(round(result.bytes / result.seconds)) if result.seconds > 0 else '-'}/s)")
         else:
             print(f"present  {result.name}  (already committed at {args.dst})")
     return 0
-
-
-class _ProgressBar:
-    """A tqdm bar on stderr when tqdm is installed and asked for; otherwise nothing."""
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.bar: Any = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-                            file=sys.stderr, leave=False)
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
