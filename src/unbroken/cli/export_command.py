@@ -29,7 +29,7 @@ def add_export(sub: Any) -> None:
                     "Existing files are never overwritten.")
     export.add_argument("source", metavar="SOURCE")
     export.add_argument("-o", "--out", required=True, metavar="OUT",
-                        help="the output file (NAME.safetensors) or a directory (existing, or ending in /) to "
+                        help="the output file (NAME.safetensors), or else a directory (created if need be) to "
                              "hold model.safetensors")
     export.add_argument("--step", type=int, metavar="N", help="the checkpoint of step N of a run directory")
     export.add_argument("--entry", default="model", metavar="NAME",

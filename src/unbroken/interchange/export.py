@@ -57,8 +57,8 @@ def export(source: str | os.PathLike[str], out: str | os.PathLike[str], *, step:
     """Write state entry ``entry`` of a checkpoint as safetensors a model's ``load_state_dict`` takes.
 
     ``source``, ``step``, ``entry``, ``dtype`` and ``storage_options`` are those of
-    :func:`~unbroken.read_state_dict`.  ``out`` is a file (``name.safetensors``) or a directory (an
-    existing one, or a path ending in ``/``), which gets ``model.safetensors``.  With
+    :func:`~unbroken.read_state_dict`.  ``out`` is a file (``<name>.safetensors``) or else a directory
+    (created if need be), which gets ``model.safetensors``.  With
     ``max_shard_size`` (bytes, or ``"5GB"``, ``"500MB"``: decimal units, as Hugging Face counts; ``GiB``
     etc. are binary) a larger export is split into shards ``<name>-00001-of-0000N.safetensors`` with
     ``<name>.safetensors.index.json``.  Existing files are never overwritten: remove them first.
@@ -88,17 +88,15 @@ def parse_size(size: int | str | None) -> int | None:
 
 
 def _output(out: str | os.PathLike[str]) -> tuple[str, str]:
-    """``(directory, stem)`` of the output: ``model.safetensors`` in a directory, or the file named."""
+    """``(directory, stem)`` of the output: the file named ``<stem>.safetensors``, or else a directory
+    (existing or not) to hold ``model.safetensors``."""
     text = os.fspath(out)
     if is_url(text):
         raise ValueError(f"{text}: export writes to a local path; write it locally, then upload the files")
-    if text.endswith(("/", os.sep)) or os.path.isdir(text):
-        return os.path.abspath(text), "model"
     full = os.path.abspath(text)
     base = os.path.basename(full)
-    if not base.endswith(_SUFFIX) or base == _SUFFIX:
-        raise ValueError(f"{text}: the output must be a file named <name>.safetensors, or a directory "
-                         "(end it with /) to hold model.safetensors")
+    if text.endswith(("/", os.sep)) or os.path.isdir(full) or not base.endswith(_SUFFIX) or base == _SUFFIX:
+        return full, "model"
     return os.path.dirname(full), base[:-len(_SUFFIX)]
 
 
