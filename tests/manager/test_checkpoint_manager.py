@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from unbroken import (
     StorageError,
     UnserializableStateError,
 )
-from unbroken.manager import options
+from unbroken.manager import checkpoint_manager, options
 from unbroken.manager.schedule import SaveSchedule
 
 make_state = partial(helpers.make_state, step_lr=True, epoch=0,
@@ -403,3 +404,26 @@ def test_a_load_that_fails_midway_falls_back_or_raises_never_starts_fresh(tmp_pa
     with pytest.warns(CheckpointSkippedWarning):
         with pytest.raises(unbroken.PartialRestoreError, match="already overwritten"):
             SyncManager(tmp_path, {"model": make_state(seed=4)["model"], "zz": Fragile()}).restore()
+
+
+def test_a_restore_logs_its_step_size_and_duration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A long restore is not silent: one line with the step, the checkpoint's bytes and the seconds."""
+    with SyncManager(tmp_path, make_state(), save_on_close=False) as ckpt:
+        record = ckpt.save(4, wait=True)
+    assert record is not None
+    clock = FakeClock()
+    monkeypatch.setattr(options, "SaveSchedule", partial(SaveSchedule, clock=clock))
+    real = checkpoint_manager.restore_newest
+
+    def slow_restore(*args: object, **kwargs: object) -> object:
+        clock.advance(19.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_manager, "restore_newest", slow_restore)
+    with caplog.at_level(logging.INFO, logger="unbroken"), SyncManager(tmp_path, make_state(),
+                                                                       save_on_close=False) as ckpt:
+        assert ckpt.restore() == 4
+    lines = [r.getMessage() for r in caplog.records if "resumed from step" in r.getMessage()]
+    assert lines == [f"resumed from step 4 ({ckpt.storage.url}): a checkpoint of {record.size} bytes, "
+                     "restored in 19.0 s"]

@@ -126,12 +126,13 @@ class CheckpointManager:
         warning.  ``step=N`` or ``path=DIR`` restore exactly that checkpoint or raise.
         """
         strict = self.config.strict if strict is None else strict
+        started = self._schedule.clock()
         if self._dist is not None:  # every rank restores the same checkpoint, or none does
             if self._mirror is not None:  # rank 0: it lists the run for every rank after this download
                 self._mirror.fetch(step)
             restored = self._dist.restore(self.storage, self.state, strict, self.config.capture_rng, step=step,
                                           path=path, on_corrupt=partial(quarantine, self.storage))
-            return self._resumed(restored, from_this_run=path is None)
+            return self._resumed(restored, from_this_run=path is None, started=started)
         removed = self.storage.cleanup()
         if removed:
             log.info("removed abandoned staging/trash areas: %s", ", ".join(removed))
@@ -147,14 +148,16 @@ class CheckpointManager:
                 self._mirror.fetch()
             manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng,
                                       on_corrupt=self._set_aside)
-        return self._resumed(manifest, from_this_run=path is None)
+        return self._resumed(manifest, from_this_run=path is None, started=started)
 
     def _set_aside(self, name: str, problem: CorruptCheckpointError) -> bool:
         """Quarantine a checkpoint found corrupt while resuming; True when the mirror put a good copy in
         its place (restore tries it again), else restore falls back to the previous checkpoint."""
         return quarantine(self.storage, name, problem) is not None and repair_from(self._mirror, name)
 
-    def _resumed(self, manifest: Manifest | None, from_this_run: bool) -> int:
+    def _resumed(self, manifest: Manifest | None, from_this_run: bool, started: float) -> int:
+        """Account for a restore that began at ``started`` (on the schedule's clock) and log it, with
+        the size of the checkpoint and the time it took: a long restore is otherwise silent."""
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
             return 0
@@ -167,7 +170,8 @@ class CheckpointManager:
         self._schedule.saved(manifest.step)
         # A run killed between a commit and its retention pass left one checkpoint too many.
         self._apply_retention()
-        log.info("resumed from step %d (%s)", manifest.step, self.storage.url)
+        log.info("resumed from step %d (%s): a checkpoint of %d bytes, restored in %.1f s", manifest.step,
+                 self.storage.url, manifest.total_bytes, self._schedule.clock() - started)
         return manifest.step
 
     # -- saving -----------------------------------------------------------------------------------
