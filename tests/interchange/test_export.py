@@ -253,3 +253,5 @@ def test_cli_export_writes_the_file_and_says_what_it_wrote(saved: tuple[Path, nn
     assert (tmp_path / "s" / "model.safetensors.index.json").exists()
     assert main(["export", str(run), "-o", str(tmp_path / "y.safetensors"), "--entry", "nope"]) == 2
     assert "no state entry 'nope'" in capsys.readouterr().err
+    assert main(["export", str(run), "-o", str(tmp_path / "z.safetensors"), "--storage-option", "novalue"]) == 2
+    assert "--storage-option 'novalue': expected KEY=VALUE" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """``unbroken export SOURCE -o OUT``: a state entry of a checkpoint as plain safetensors.
 
 ``-o`` names the output here, as in most tools that write a file; the fsspec storage options that
-other commands take as ``-o KEY=VALUE`` are ``--option KEY=VALUE`` for this one.  Torch is imported
+other commands take as ``-o KEY=VALUE`` are ``--storage-option KEY=VALUE`` here (as for ``import``,
+whose ``-o`` is the run), or ``--option``, the other commands' long spelling.  Torch is imported
 only when the command runs (``unbroken --help`` stays cheap).
 """
 
@@ -41,9 +42,10 @@ def add_export(sub: Any) -> None:
     export.add_argument("--max-shard-size", metavar="SIZE",
                         help="split into shards of at most SIZE, e.g. 5GB or 500MB (1 GB = 10^9 bytes; GiB is "
                              "binary); a tensor larger than SIZE gets a shard of its own")
-    export.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for a URL SOURCE, e.g. --option endpoint_url=http://127.0.0.1:9000 "
-                             "(-o KEY=VALUE of the other commands; -o is the output here)")
+    export.add_argument("--storage-option", "--option", dest="option", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="fsspec storage option for a URL SOURCE, e.g. --storage-option "
+                             "endpoint_url=http://127.0.0.1:9000 (-o KEY=VALUE of ls and cp; -o is the output here)")
     export.set_defaults(run=_export)
 
 
@@ -52,8 +54,13 @@ def _export(args: argparse.Namespace) -> int:
     if isinstance(size, str) and size.strip().isdigit():
         size = int(size)
     try:
+        options = storage_options(args)
+    except ValueError as exc:
+        print(f"unbroken export: error: {str(exc).replace('-o ', '--storage-option ', 1)}", file=sys.stderr)
+        return 2
+    try:
         result = unbroken.export(args.source, args.out, step=args.step, entry=args.entry, dtype=args.dtype,
-                                 max_shard_size=size, storage_options=storage_options(args))
+                                 max_shard_size=size, storage_options=options)
     except FileExistsError as exc:
         print(f"unbroken export: error: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ and the global random streams are not touched.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ class Located:
 
     def nbytes(self, key: str, dtype: torch.dtype | None) -> int:
         """Bytes of the tensor at ``key`` once cast to ``dtype`` (floating-point tensors only)."""
-        import math
-
         stored = self.dtype_of(key)
         size = itemsize(stored)
         if dtype is not None and torch_dtype(stored).is_floating_point:
