@@ -255,3 +255,13 @@ def test_cli_export_writes_the_file_and_says_what_it_wrote(saved: tuple[Path, nn
     assert "no state entry 'nope'" in capsys.readouterr().err
     assert main(["export", str(run), "-o", str(tmp_path / "z.safetensors"), "--storage-option", "novalue"]) == 2
     assert "--storage-option 'novalue': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_url_source_exports_like_a_local_one(tmp_path: Path) -> None:
+    model = make_mlp(seed=2)
+    url = f"memory://export-{tmp_path.name}/run"
+    unbroken.save(f"{url}/{step_name(3)}", {"model": model}, step=3)
+    assert_same_tensors(unbroken.read_state_dict(url), model.state_dict())
+    result = unbroken.export(f"{url}/{step_name(3)}", tmp_path)
+    assert result.checkpoint == f"{url}/{step_name(3)}"
+    assert torch.equal(outputs(loaded(result.paths[0])), outputs(model))
