@@ -64,18 +64,22 @@ def parse(stdout: str):
 
 
 def run(cmd, kill_after=None, delay_s=0.0):
-    """Run ``cmd``; with ``kill_after``, SIGKILL it ``delay_s`` after it prints that step."""
+    """Run ``cmd``; with ``kill_after``, SIGKILL it ``delay_s`` after it prints that step (or the first
+    one after it).  Returns (the step it resumed from, {step: loss} of every step it printed, the step
+    whose line triggered the kill or None).  The child keeps training during ``delay_s``, so the
+    lines read after the kill may go past the trigger step."""
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         watchdog = threading.Timer(TIMEOUT_S, proc.kill)
         watchdog.start()
-        lines = []
+        lines, trigger = [], None
         try:
             for line in proc.stdout:
                 lines.append(line)
                 m = STEP_LINE.match(line.rstrip("\n"))
                 if kill_after is not None and m and int(m[1]) >= kill_after:
+                    trigger = int(m[1])
                     time.sleep(delay_s)
                     os.kill(proc.pid, signal.SIGKILL)
                     break
@@ -90,7 +94,7 @@ def run(cmd, kill_after=None, delay_s=0.0):
     if rc != expected:
         sys.exit(f"demo: {' '.join(cmd)} ended with status {rc} (expected {expected})\n"
                  f"{''.join(lines)[-2000:]}\n{stderr[-4000:]}")
-    return parse("".join(lines))
+    return (*parse("".join(lines)), trigger)
 
 
 # ------------------------------------------------------------------------ comparing checkpoints
@@ -162,6 +166,14 @@ def compare(ref_ckpt: Path, ckpt: Path):
 # ------------------------------------------------------------------------ the demo
 
 
+def kill_report(trigger: int, delay_ms: float, last: int) -> str:
+    """What is known about the kill: when it was sent (``delay_ms`` after the child printed step
+    ``trigger``) and the last step the child printed before it died (``last``, which may be later:
+    the child kept training during the delay)."""
+    return (f"killed with SIGKILL {delay_ms} ms after it printed step {trigger}; "
+            f"the last step it printed was {last}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10_000)
@@ -190,15 +202,13 @@ def demo(args, tmp: Path, seed: int, kill_step: int, delay_ms: float) -> int:
     print(f"unbroken demo: {script.name}, {args.steps} steps, a checkpoint every "
           f"{args.save_interval} steps (replay with --seed {seed})")
     t0 = time.time()
-    _, ref_losses = run(cmd(tmp / "reference"))
+    _, ref_losses, _ = run(cmd(tmp / "reference"))
     print(f"  1. uninterrupted run:  {len(ref_losses)} steps in {time.time() - t0:.1f} s")
 
-    _, killed_losses = run(cmd(tmp / "crashy"), kill_after=kill_step, delay_s=delay_ms / 1000)
-    last = max(killed_losses) if killed_losses else 0
-    print(f"  2. second run:         SIGKILL after step {kill_step} (+{delay_ms} ms), "
-          f"last step it printed: {last}")
+    _, killed_losses, trigger = run(cmd(tmp / "crashy"), kill_after=kill_step, delay_s=delay_ms / 1000)
+    print(f"  2. second run:         {kill_report(trigger, delay_ms, max(killed_losses, default=0))}")
 
-    resumed_from, resumed_losses = run(cmd(tmp / "crashy"))
+    resumed_from, resumed_losses, _ = run(cmd(tmp / "crashy"))
     print(f"  3. same command again: resumed from step {resumed_from}, "
           f"finished step {max(resumed_losses, default=resumed_from)}")
 

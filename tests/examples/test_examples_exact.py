@@ -12,6 +12,7 @@ A failure names its kill-plan seed; to replay it, or to soak with more kill poin
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -140,3 +141,12 @@ def test_demo_reports_bit_exact():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * TIMEOUT_S)
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout}\n{proc.stderr}"
     assert "bit-exact: YES" in proc.stdout, proc.stdout
+    # It reports the kill as it happened: the step whose line triggered the kill and the last step
+    # printed, which may be later (the child trains on during the delay), not "SIGKILL after step 18,
+    # last step it printed: 19".
+    m = re.search(r"2\. second run: +killed with SIGKILL [\d.]+ ms after it printed step (\d+); "
+                  r"the last step it printed was (\d+)\n", proc.stdout)
+    assert m, proc.stdout
+    assert int(m[2]) >= int(m[1])
+    resumed = re.search(r"resumed from step (\d+)", proc.stdout)
+    assert resumed and int(resumed[1]) <= int(m[2]), proc.stdout
