@@ -190,6 +190,16 @@ def test_an_unreachable_store_gives_read_advice_for_a_read(s3_run: S3Run, s3_ser
     assert "retrying is safe" in err and s3_server.options()["secret"] not in err
 
 
+def test_a_run_at_the_root_of_a_bucket_is_listed_verified_and_shown(s3_run: S3Run, s3_server: S3Server,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    root = f"s3://{s3_run.bucket}"  # no parent: it can only be a run, never a checkpoint
+    unbroken.save(f"{root}/step_000000001", {"epoch": 1}, step=1, rng=False, storage_options=s3_run.storage_options)
+    for command in ("ls", "verify", "show"):
+        code, out, err = _cli(capsys, command, root, *_s3_flags(s3_server))
+        assert (code, err) == (0, ""), (command, err)  # verify: "a checkpoint URL needs a parent" before
+    assert "step 1," in out
+
+
 # ---------------------------------------------------------------------------------------------
 # output: pipes, JSON numbers, one unit convention, progress on a terminal
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from unbroken.cli.export_command import add_export
 from unbroken.cli.import_command import add_import
 from unbroken.cli.progress import ProgressBars
 from unbroken.cli.storage_commands import add_cp, add_prune, add_storage_option, storage_options
-from unbroken.cli.targets import check_exists, checkpoint_of, no_checkpoints
+from unbroken.cli.targets import check_exists, checkpoint_of, is_checkpoint, no_checkpoints
 from unbroken.cli.units import format_size
 
 __all__ = ["main"]
@@ -158,7 +158,7 @@ def _add_run(sub: Any) -> None:
 def _ls(args: argparse.Namespace) -> int:
     options = storage_options(args)
     check_exists(args.run_dir)
-    if unbroken.is_checkpoint(args.run_dir, options):  # one checkpoint: its row, as in a listing of its run
+    if is_checkpoint(args.run_dir, options):  # one checkpoint: its row, as in a listing of its run
         records = [_one_record(args.run_dir, args.verify, options)]
     else:
         records = unbroken.list_checkpoints(args.run_dir, verify=args.verify, storage_options=options,
@@ -313,7 +313,7 @@ def _tensors(value: Any) -> Iterator[unbroken.TensorInfo]:
 def _verify(args: argparse.Namespace) -> int:
     options = storage_options(args)
     check_exists(args.path)
-    if unbroken.is_checkpoint(args.path, options):
+    if is_checkpoint(args.path, options):
         targets = [args.path]
     else:
         targets = [r.path for r in unbroken.list_checkpoints(args.path, storage_options=options)]

@@ -13,7 +13,7 @@ from typing import Any
 import unbroken
 from unbroken.storage import is_url
 
-__all__ = ["check_exists", "checkpoint_of", "no_checkpoints"]
+__all__ = ["check_exists", "checkpoint_of", "is_checkpoint", "no_checkpoints"]
 
 
 def check_exists(path: str) -> None:
@@ -27,6 +27,14 @@ def check_exists(path: str) -> None:
                                                "directory or a checkpoint directory)")
 
 
+def is_checkpoint(path: str, options: dict[str, Any] | None) -> bool:
+    """Whether ``path`` is one checkpoint; a URL with no parent (``s3://bucket``) can only be a run."""
+    try:
+        return unbroken.is_checkpoint(path, options)
+    except ValueError:  # "a checkpoint URL needs a parent"; any other fault shows when the run is opened
+        return False
+
+
 def no_checkpoints(path: str) -> str:
     """The one message of ``ls`` and ``verify`` for a directory holding no checkpoints (both exit 1)."""
     return f"no checkpoints in {path}"
@@ -36,7 +44,7 @@ def checkpoint_of(path: str, step: int | None, options: dict[str, Any] | None) -
     """``path`` itself when it is a checkpoint; for a run directory its checkpoint of ``step``, or
     without ``step`` its newest valid one."""
     check_exists(path)
-    if unbroken.is_checkpoint(path, options):
+    if is_checkpoint(path, options):
         if step is not None:
             raise ValueError(f"--step {step}: {path} is one checkpoint, not a run directory; give the run "
                              "directory with --step, or the checkpoint without it")
