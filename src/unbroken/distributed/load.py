@@ -112,7 +112,7 @@ class _LiveTensors:
     optimizer has no state yet: its state tensors take the layout of their parameter."""
 
     def __init__(self, state: MutableMapping[str, Any]) -> None:
-        self.tensors = capture(state, rng=False).tensors
+        self.tensors = capture(state, rng=False, for_save=False).tensors
         self.params = {key: [p for g in value.param_groups for p in g["params"]]
                        for key, value in state.items() if classify(value) is Kind.OPTIMIZER}
 

@@ -26,9 +26,14 @@ class Snapshot:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, Json] = field(default_factory=dict)
+    # A save checks every tensor here, before any later step trips over one without plain bytes; a
+    # restore captures its live targets only for their names and layouts, and those may be meta tensors
+    # (a model built on the meta device, materialized from the checkpoint).
+    for_save: bool = True
 
     def add_tensor(self, path: str, tensor: torch.Tensor) -> str:
-        check_storable(tensor, path)  # here, before any later step trips over a tensor without plain bytes
+        if self.for_save:
+            check_storable(tensor, path)
         name, n = path, 1
         while name in self.tensors:  # keys containing "/" could collide with nested paths
             n += 1
@@ -63,10 +68,11 @@ def _kind_of(key: str, value: Any) -> Kind:
         ) from None
 
 
-def capture(state: Mapping[str, Any], rng: bool = True) -> Snapshot:
-    """Encode every entry of ``state`` (and the RNG streams when ``rng``)."""
+def capture(state: Mapping[str, Any], rng: bool = True, *, for_save: bool = True) -> Snapshot:
+    """Encode every entry of ``state`` (and the RNG streams when ``rng``); ``for_save=False`` when the
+    tensors are restore targets, which need no bytes of their own."""
     check_state_keys(state)
-    snap = Snapshot()
+    snap = Snapshot(for_save=for_save)
     for key, value in state.items():
         snap.state[key] = _capture_entry(key, value, snap)
     if rng:
