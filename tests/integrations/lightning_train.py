@@ -6,7 +6,8 @@ SIGKILLs the process at step K unless the run resumed.  Under DDP the ranks are 
 with the torchrun environment (``LOCAL_RANK``...), and every rank kills itself at the same step.
 
 Randomness the resume must restore: a shuffled DataLoader (made resumable by the callback), dropout
-and input noise drawn from the global torch RNG, Adam and a per-step LR schedule.  Every step's loss
+and input noise drawn from the global torch RNG, Adam and a per-step LR schedule; validation runs
+right after each save (iterating its plain DataLoader draws from the global torch RNG).  Every step's loss
 goes to ``O/losses.rank<r>.jsonl`` (as float.hex, exact); at the end ``O/final.safetensors`` holds
 the weights and the optimizer state and ``O/final.json`` the counters.
 """
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 SAMPLES, BATCH = 40, 4  # 10 batches per epoch: 12 steps cross an epoch boundary
+VALIDATE_EVERY = 3  # right after the saves (every 3 steps): validation runs between a save and the next step
 
 
 class Net(L.LightningModule):
@@ -51,6 +53,10 @@ class Net(L.LightningModule):
         self.log("loss", loss)
         return loss
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self.net(x), y))
+
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.parameters(), lr=0.01)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
@@ -60,6 +66,10 @@ class Net(L.LightningModule):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(SAMPLES, 4, generator=gen)
         return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=BATCH, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
 
 
 class SignalAt(L.Callback):
@@ -76,14 +86,17 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.sig)
 
 
-def trainer(max_steps: int, callbacks: list[L.Callback], devices: int = 1) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=devices,
+def trainer(max_steps: int, callbacks: list[L.Callback], devices: int = 1, root: Path | None = None) -> L.Trainer:
+    """``root``: where Lightning's default ModelCheckpoint writes when there is no Unbroken callback."""
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=devices, default_root_dir=root,
                      strategy="ddp" if devices > 1 else "auto", callbacks=callbacks, enable_progress_bar=False,
-                     logger=False, enable_model_summary=False, num_sanity_val_steps=0)
+                     logger=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     val_check_interval=VALIDATE_EVERY, check_val_every_n_epoch=None)
 
 
 def train(run_dir: Path | None, max_steps: int = 12, every: int = 3, signal_at: tuple[int, int] | None = None,
-          devices: int = 1, losses: Path | None = None, **options: Any) -> tuple[L.Trainer, Net]:
+          devices: int = 1, losses: Path | None = None, root: Path | None = None,
+          **options: Any) -> tuple[L.Trainer, Net]:
     """One ``fit`` (resuming from ``run_dir`` when it holds a checkpoint); no adapter when run_dir is None."""
     from unbroken.integrations.lightning import Unbroken
 
@@ -94,7 +107,7 @@ def train(run_dir: Path | None, max_steps: int = 12, every: int = 3, signal_at: 
         callbacks.append(Unbroken(run_dir, every_steps=every, **options))
     if signal_at is not None:
         callbacks.append(SignalAt(*signal_at))
-    t = trainer(max_steps, callbacks, devices)
+    t = trainer(max_steps, callbacks, devices, root)
     t.fit(model, ckpt_path="last")
     return t, model
 

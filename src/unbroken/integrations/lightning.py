@@ -139,7 +139,7 @@ class Unbroken(ModelCheckpoint):
         self._last_step = self._saved_step = None
         self._restored_rng = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: ARG002
         # Lightning composes its own SIGTERM handler on top of ours at the start of fit; it would end
         # the run at the next batch without a checkpoint.  The manager's stop saves first, then exits.
         for sig, handler in self._stop_handlers.items():
@@ -152,8 +152,9 @@ class Unbroken(ModelCheckpoint):
             self._state.live = True
         self._last_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    # Hook parameters keep Lightning's names (it passes some by keyword), used or not.
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,  # noqa: ARG002
+                           batch: Any, batch_idx: int) -> None:  # noqa: ARG002
         manager = self._manager
         step = trainer.global_step
         if manager is None or step == self._last_step:
@@ -168,14 +169,15 @@ class Unbroken(ModelCheckpoint):
             except unbroken.CheckpointExistsError as exc:
                 warnings.warn(f"the last step was not saved: {exc}", RuntimeWarning, stacklevel=2)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,  # noqa: ARG002
+                     exception: BaseException) -> None:
         """The state may be mid-step: nothing more is saved; a save in flight (a whole step) commits."""
         manager, self._manager = self._manager, None
         if manager is not None:
             manager.__exit__(type(exception), exception, exception.__traceback__)
         self._detach(trainer)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:  # noqa: ARG002
         manager, self._manager = self._manager, None
         try:
             if manager is not None:
@@ -300,7 +302,9 @@ def _convert_training_loaders(trainer: pl.Trainer) -> None:
 
     def process_dataloader(dataloader: object) -> object:
         dataloader = original(dataloader)
-        if trainer.state.stage == RunningStage.TRAINING and isinstance(dataloader, torch.utils.data.DataLoader):
+        # A loader with a state of its own (unbroken.DataLoader, torchdata's StatefulDataLoader) is kept.
+        if (trainer.state.stage == RunningStage.TRAINING and isinstance(dataloader, torch.utils.data.DataLoader)
+                and not callable(getattr(dataloader, "state_dict", None))):
             return unbroken.make_resumable(dataloader)
         return dataloader
 
@@ -345,7 +349,8 @@ def _handlers() -> dict[int, Any]:
 
 
 def _get_rng() -> tuple[Any, ...]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    initialised = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    cuda = torch.cuda.get_rng_state_all() if initialised else None
     return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
 
 
