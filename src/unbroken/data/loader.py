@@ -10,7 +10,9 @@ randomness resume exactly.
   creating an iterator mid-epoch on resume does not shift the training loop's random stream.
 
 A plain torch ``DataLoader`` registered in a manager's state is converted in place by
-:func:`make_resumable` (same object, same attributes).
+:func:`make_resumable` (same object, same attributes).  So is the plain loader inside Accelerate's
+prepared ``DataLoaderShard`` (``accelerator.prepare(loader)``): the shard then saves and loads the
+converted loader's state, as it does a torchdata ``StatefulDataLoader``'s.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -69,6 +72,7 @@ class DataLoader(TorchDataLoader):  # type: ignore[type-arg]
                 "and use torchdata's StatefulDataLoader, which checkpoints each worker's dataset state")
         self.cursor = EpochCursor()
         self._plan = (0, 0)
+        self._outer: weakref.ref[Any] | None = None  # the Accelerate DataLoaderShard iterating this loader
         self._indices = _EpochIndices(self)
         if isinstance(self.sampler, ResumableSampler):
             self.sampler.owner = weakref.ref(self)
@@ -130,6 +134,7 @@ class DataLoader(TorchDataLoader):  # type: ignore[type-arg]
         saved_world = state["layout"].get("world_size")
         if isinstance(self.sampler, ResumableSampler) and saved_world != self.sampler.world_size:
             self._resplit(int(saved_world))
+        _sync_shard(self)
 
     def _resplit(self, saved_world: int) -> None:
         """The saved ranks consumed ``position`` batches each: continue the epoch's global order from
@@ -201,7 +206,8 @@ class _EpochIndices:
         seeded = isinstance(loader.dataset, SeededDataset)
         sampler, batch_sampler = loader.sampler, loader.batch_sampler
         seed = sampler.seed if isinstance(sampler, ResumableSampler) else 0
-        rank = getattr(sampler, "rank", 0)
+        # Accelerate's BatchSamplerShard names the rank; the global-order sampler inside it is rank 0 of 1.
+        rank = getattr(batch_sampler, "process_index", getattr(sampler, "rank", 0))
         # This generator lives in the loader's (persistent) iterator: holding the loader in its frame
         # would make a cycle that keeps worker processes alive until a garbage collection.
         del loader
@@ -210,6 +216,8 @@ class _EpochIndices:
             return (index, sample_seed(seed, epoch, rank, position)) if seeded else index
 
         if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+            if isinstance(sampler, ResumableSampler):  # the global order inside a sharding batch sampler
+                sampler.cursor.request(epoch)
             for b, batch in enumerate(itertools.islice(iter(batch_sampler), skip, None), start=skip):
                 yield [tag(b * _BATCH_STRIDE + j, i) for j, i in enumerate(batch)]
             return
@@ -248,20 +256,35 @@ def _sampler_state(sampler: Any) -> dict[str, Any]:
     return {"epoch": epoch if isinstance(epoch, int) else None}
 
 
-def _convert(sampler: Sampler[Any], seed: int | None) -> Sampler[Any]:
+def _convert(sampler: Any, seed: int | None, world_size: int | None = None) -> Any:
     """torch's default samplers → a resumable equivalent (same indices, a reproducible order)."""
+    resumable = partial(ResumableSampler, rank=None if world_size is None else 0, world_size=world_size)
     if isinstance(sampler, SequentialSampler):
-        return ResumableSampler(len(sampler), shuffle=False, seed=0)
+        return resumable(len(sampler), shuffle=False, seed=0)
     if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler._num_samples is None:
         if seed is None and sampler.generator is not None:
             seed = int(torch.empty((), dtype=torch.int64).random_(generator=sampler.generator).item())
-        return ResumableSampler(len(sampler.data_source), shuffle=True, seed=seed)
+        return resumable(len(sampler.data_source), shuffle=True, seed=seed)
     return sampler
 
 
 def needs_adoption(value: Any) -> bool:
-    """A plain torch DataLoader (no state_dict of its own) that :func:`make_resumable` can convert."""
-    return isinstance(value, TorchDataLoader) and not callable(getattr(value, "state_dict", None))
+    """A plain torch DataLoader (no state_dict of its own) that :func:`make_resumable` can convert, or an
+    Accelerate wrapper (``accelerator.prepare(loader)``) around one."""
+    if not isinstance(value, TorchDataLoader):
+        return False
+    base = _wrapped(value)
+    if base is not None:
+        # The wrapper's state_dict() returns a snapshot of its inner loader's, which a plain loader
+        # has not: "'DataLoader' object has no attribute 'dl_state_dict'" at the first save.
+        return needs_adoption(base)
+    return not callable(getattr(value, "state_dict", None))
+
+
+def _wrapped(value: Any) -> Any:
+    """The loader inside an Accelerate ``DataLoaderAdapter`` (which poses as its inner loader's class
+    and forwards every attribute to it), else None."""
+    return vars(value).get("base_dataloader") if hasattr(value, "__dict__") else None
 
 
 def make_resumable(loader: TorchDataLoader) -> DataLoader:  # type: ignore[type-arg]
@@ -272,6 +295,9 @@ def make_resumable(loader: TorchDataLoader) -> DataLoader:  # type: ignore[type-
     """
     if isinstance(loader, DataLoader):
         return loader
+    if _wrapped(loader) is not None:
+        shard: DataLoader = _make_shard_resumable(loader)  # poses as a DataLoader, forwards to one
+        return shard
     if isinstance(loader.dataset, IterableDataset):
         raise UnserializableStateError(
             "a plain DataLoader over an IterableDataset cannot be resumed exactly: its position lives in "
@@ -279,11 +305,7 @@ def make_resumable(loader: TorchDataLoader) -> DataLoader:  # type: ignore[type-
             "state_dict()/load_state_dict()) and register that instead")
     if getattr(loader, "_iterator", None) is not None:
         raise ValueError("register the DataLoader before iterating it (its workers already run)")
-    original: Any = loader.sampler
-    sampler = _convert(original, None)
-    batch_sampler = loader.batch_sampler
-    if type(batch_sampler) is BatchSampler:
-        batch_sampler = BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)
+    sampler, batch_sampler = _resumable_samplers(loader)
     # DataLoader forbids re-assigning these after __init__ (to protect iterators in flight); no
     # iterator exists yet, so the conversion is safe.
     for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler),
@@ -295,3 +317,55 @@ def make_resumable(loader: TorchDataLoader) -> DataLoader:  # type: ignore[type-
     converted: DataLoader = loader  # type: ignore[assignment]
     converted._setup_resume()
     return converted
+
+
+def _resumable_samplers(loader: TorchDataLoader) -> tuple[Any, Any]:  # type: ignore[type-arg]
+    """The loader's sampler and batch sampler, with the sampler that orders the data made resumable."""
+    batch_sampler: Any = loader.batch_sampler
+    original: Any = loader.sampler
+    if type(batch_sampler) is BatchSampler:
+        # The batch sampler's own sampler orders the data: a loader built with batch_sampler= has a
+        # SequentialSampler as its (unused) .sampler.
+        sampler = _convert(batch_sampler.sampler, None)
+        return sampler, BatchSampler(sampler, batch_sampler.batch_size, batch_sampler.drop_last)
+    inner = getattr(batch_sampler, "batch_sampler", None)
+    if type(inner) is BatchSampler and hasattr(batch_sampler, "process_index"):
+        # Accelerate's BatchSamplerShard deals the batches of one global order to the ranks: that
+        # order becomes a resumable sampler of rank 0 of 1, whose epoch follows the loader's.
+        sampler = _convert(inner.sampler, None, world_size=1)
+        batch_sampler.batch_sampler = BatchSampler(sampler, inner.batch_size, inner.drop_last)
+        return sampler, batch_sampler
+    return _convert(original, None), batch_sampler
+
+
+def _make_shard_resumable(shard: Any) -> Any:
+    """Accelerate's ``DataLoaderShard``: its inner loader made resumable in place.
+
+    The shard iterates its inner loader one batch ahead and, before each batch it yields, snapshots
+    the inner loader's state_dict() into ``dl_state_dict``, which its own state_dict() returns: the
+    position of the batches the training loop received.  Loading goes to the inner loader, which
+    then sets the shard's epoch counter (``iteration``: the epoch each new pass asks for).
+    """
+    base = vars(shard)["base_dataloader"]
+    if not needs_adoption(base):
+        return shard  # its inner loader has a state of its own (StatefulDataLoader, unbroken.DataLoader)
+    kind = type(shard).__name__  # the real class: the adapter's __class__ is its inner loader's
+    if kind != "DataLoaderShard":
+        raise UnserializableStateError(
+            f"Accelerate's {kind} cannot be made resumable (rank 0 reads every batch and sends them to "
+            "the others). Fix: Accelerator(dataloader_config=DataLoaderConfiguration(dispatch_batches=False)) "
+            "with a map-style dataset, or use_stateful_dataloader=True")
+    converted = make_resumable(base)
+    converted._outer = weakref.ref(shard)
+    shard.dl_state_dict = converted.state_dict()
+    return shard
+
+
+def _sync_shard(loader: DataLoader) -> None:
+    """After a load: the Accelerate shard around ``loader`` (if any) continues from the loaded state."""
+    shard = loader._outer() if loader._outer is not None else None
+    if shard is None:
+        return
+    cursor = loader.cursor
+    shard.iteration = cursor.epoch + 1 if cursor.finished else cursor.epoch
+    shard.dl_state_dict = loader.state_dict()
