@@ -179,3 +179,29 @@ def test_a_new_machine_resumes_from_the_mirror(reference: Result, tmp_path: Path
     shutil.rmtree(run)
     resumed = worker.train(run, mirror_to=str(mirror))
     assert_same(resumed, reference, range(8, STEPS + 1))
+
+
+@pytest.mark.slow  # ~35 s on 2 cores (three 2-rank launches): run with -m slow
+@pytest.mark.timeout(600)
+def test_ddp_two_ranks_sigkill_mid_epoch_resume_is_bit_exact(tmp_path: Path) -> None:
+    """Accelerate's MULTI_CPU data parallel (gloo, 2 ranks, BatchSamplerShard): both ranks SIGKILLed at
+    step 8, the same command again, compared with an uninterrupted 2-rank run, rank by rank."""
+    from tests.distributed.harness import launch, run_ok, wait_all
+
+    def args(name: str) -> list[object]:
+        return ["--run-dir", tmp_path / name, "--out", tmp_path / f"{name}-out"]
+
+    run_ok(WORKER, args("reference"), 2, tmp_path / "logs-reference", timeout=300)
+    killed = launch(WORKER, args("run"), 2, tmp_path / "logs-killed", env={"KILL_AT": str(KILL_AT)})
+    assert wait_all(killed, 300) == [-signal.SIGKILL, -signal.SIGKILL]
+    run_ok(WORKER, args("run"), 2, tmp_path / "logs-resumed", timeout=300, env={"KILL_AT": str(KILL_AT)})
+    for rank in (0, 1):
+        out, ref_out = tmp_path / "run-out", tmp_path / "reference-out"
+        recorded = [tuple(json.loads(line)) for line in (out / f"losses.rank{rank}.jsonl").read_text().splitlines()]
+        ref_losses = dict(tuple(json.loads(line)) for line in
+                          (ref_out / f"losses.rank{rank}.jsonl").read_text().splitlines())
+        assert [s for s, _ in recorded][KILL_AT] in (4, 7)  # resumed after checkpoint 3 or 6
+        assert [loss == ref_losses[step] for step, loss in recorded] == [True] * len(recorded)
+        assert (out / f"final.rank{rank}.json").read_text() == (ref_out / f"final.rank{rank}.json").read_text()
+        result, ref = (load_file(str(d / f"final.rank{rank}.safetensors")) for d in (out, ref_out))
+        assert result.keys() == ref.keys() and all(torch.equal(result[k], ref[k]) for k in ref)
