@@ -146,6 +146,27 @@ def test_prepared_loader_in_a_checkpoint_manager_resumes_at_the_next_batch(tmp_p
     assert resumed == rest
 
 
+@pytest.mark.parametrize("stop_at", [4, 10, 13])  # mid-epoch 0, right after epoch 0's last batch, mid-epoch 1
+def test_an_epoch_loop_from_loader_iteration_continues_at_the_saved_batch(tmp_path: Path, stop_at: int) -> None:
+    """``for epoch in range(loader.iteration, epochs)``: a restore sets the prepared loader's epoch counter."""
+    def run(stop: int | None) -> list[tuple[int, list[float]]]:
+        loader, seen = prepared_loader(), []
+        with unbroken.CheckpointManager(tmp_path / "run", {"loader": loader}, save_on_close=False) as ckpt:
+            n = ckpt.restore()
+            for epoch in range(loader.iteration, 3):
+                for (batch,) in loader:
+                    n += 1
+                    seen.append((epoch, batch.tolist()))
+                    if n == stop:
+                        ckpt.save(n)
+                        return seen
+        return seen
+
+    reference = run(None)
+    shutil.rmtree(tmp_path / "run")
+    assert run(stop_at) + run(None) == reference
+
+
 def test_dispatching_loader_is_refused_when_the_manager_is_built(tmp_path: Path) -> None:
     loader = prepared_loader(dispatch_batches=True)
     with pytest.raises(unbroken.UnserializableStateError, match="dispatch_batches=False"):
