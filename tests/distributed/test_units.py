@@ -134,6 +134,31 @@ def test_replicated_tensors_are_spread_evenly_and_deterministically() -> None:
     assert max(load) - min(load) <= 1000
 
 
+def test_parameters_and_optimizer_state_are_spread_and_every_buffer_is_written_by_rank_0() -> None:
+    from unbroken.distributed.rankplan import parameter_tensors, plan_rank
+    from unbroken.state import capture
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 64))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    live = {"model": torch.nn.DataParallel(model), "optimizer": opt}  # a wrapper, unwrapped as DDP is
+    snap = capture(live, rng=False)
+    params = parameter_tensors(live, snap)
+    assert params == {f"model/{n}" for n, _ in model.named_parameters()}
+    plans = [plan_rank(snap, rank, 3, params) for rank in range(3)]
+    owners = {name: plan.rank for plan in plans for name in plan.tensors}
+    assert sorted(owners) == sorted(snap.tensors)  # each written once
+    buffers = [f"model/{n}" for n, _ in model.named_buffers()]
+    assert buffers and all(owners[n] == 0 for n in buffers)
+    spread = [n for n in snap.tensors if n not in buffers]  # parameters and optimizer state
+    assert {owners[n] for n in spread} == {0, 1, 2} and {owners[n] for n in params} != {0}
+    assert plans[0].layout == plans[2].layout and plans[0].digest() == plans[2].digest()
+    # Without the live modules, parameters cannot be told from buffers: every module tensor is rank 0's.
+    cautious = [plan_rank(snap, rank, 3) for rank in range(3)]
+    assert set(cautious[0].tensors) >= {f"model/{n}" for n, _ in model.state_dict().items()}
+
+
 def test_a_single_process_comm_is_the_identity() -> None:
     comm = Comm(None, 0, 1)
     assert comm.broadcast_json({"a": 1}) == {"a": 1} and comm.all_gather_json([2]) == [[2]]

@@ -62,7 +62,7 @@ def assemble(base: Manifest, plan: RankPlan, reports: list[dict[str, Any]]) -> M
                 raise refused(f"internal error: tensor {name!r} was written by two ranks")
             tensors[name] = TensorEntry(file["name"], dtype, tuple(shape), begin, end, crc, block_bytes,
                                         tuple(blocks))
-    missing = [name for name, _, _, role in plan.layout if role == "replicated" and name not in tensors]
+    missing = [name for name, _, _, role in plan.layout if role != "sharded" and name not in tensors]
     if missing:
         raise refused(f"internal error: replicated tensors written by no rank: {missing[:5]}")
     return replace(base, world_size=len(reports), state=plan.shared, rank_state=[r["rank_state"] for r in reports],
@@ -77,7 +77,7 @@ def _check_layouts(plan: RankPlan, reports: list[dict[str, Any]]) -> None:
         ours = {n: (d, s, r) for n, d, s, r in plan.layout}
         theirs = {n: (d, s, r) for n, d, s, r in report["layout"]}
         diff = sorted(n for n in ours.keys() | theirs.keys() if ours.get(n) != theirs.get(n))
-        detail = (f"tensors that differ (dtype, shape or sharding): {diff[:5]}" if diff
+        detail = (f"tensors that differ (dtype, shape, sharding, or parameter vs buffer): {diff[:5]}" if diff
                   else "the models'/optimizers' settings or keys differ")
         raise refused(f"rank {report['rank']}'s model/optimizer state does not match rank 0's ({detail}). "
                           "Modules and optimizers are saved once for all ranks: they must be replicated (DDP) "

@@ -1,9 +1,12 @@
 """Which state is saved once for all ranks and which once per rank, and who writes what.
 
-* **Shared** entries, saved once: modules and optimizers.  Under DDP they are identical on every
-  rank (replicated); under FSDP2/DTensor their DTensor leaves are sharded.  Replicated tensors are
-  spread over the ranks' files (whole tensors, largest first to the least loaded rank), so every
-  rank writes about the same number of bytes.
+* **Shared** entries, saved once: modules and optimizers.  Under DDP they are replicated; under
+  FSDP2/DTensor their DTensor leaves are sharded.  Parameters and optimizer state are identical on
+  every rank under DDP: those replicated tensors are spread over the ranks' files (whole tensors,
+  largest first to the least loaded rank), so every rank writes about the same number of bytes.
+  Every other replicated tensor of a module (buffers such as BatchNorm's running statistics, extra
+  state) is written by rank 0: buffers can differ between ranks after a step (each rank's own
+  batch) until DDP's next forward broadcasts rank 0's, so rank 0's are the ones the run goes on with.
 * **Per-rank** entries, saved by every rank for itself: the RNG streams, data loaders and
   samplers, and every other value or object (LR schedulers, scalers, ``epoch``...), whose state is
   small and may differ between ranks.  Their tensors are renamed under ``unbroken.rankNNNNN/``.
@@ -77,11 +80,16 @@ def rename_refs(node: Json, rename: Callable[[str], str]) -> Json:
     return node
 
 
-def assign_writers(sizes: Iterable[tuple[str, int]], world_size: int) -> dict[str, int]:
-    """Each replicated tensor to one rank: largest first, to the rank with the fewest bytes so far
-    (ties to the lowest rank).  Deterministic, so every rank computes the same assignment."""
-    heap = [(0, rank) for rank in range(world_size)]  # (bytes so far, rank): already a valid heap
-    owner: dict[str, int] = {}
+def assign_writers(sizes: Iterable[tuple[str, int]], world_size: int,
+                   rank0: Iterable[tuple[str, int]] = ()) -> dict[str, int]:
+    """Each replicated tensor to one rank: those of ``rank0`` to rank 0, then those of ``sizes``
+    largest first, to the rank with the fewest bytes so far (ties to the lowest rank).
+    Deterministic, so every rank computes the same assignment."""
+    pinned = list(rank0)
+    owner = dict.fromkeys((name for name, _ in pinned), 0)
+    preload = sum(nbytes for _, nbytes in pinned)
+    heap = [(preload if rank == 0 else 0, rank) for rank in range(world_size)]  # (bytes so far, rank)
+    heapq.heapify(heap)
     for name, nbytes in sorted(sizes, key=lambda item: (-item[1], item[0])):
         load, rank = heapq.heappop(heap)
         owner[name] = rank

@@ -88,7 +88,7 @@ class CheckpointManager:
                                 self.config.staging_budget_bytes, on_commit=self._after_commit)
         else:
             self._saver = self._dist.saver(self.storage, self.config.async_save, self.config.staging_budget_bytes,
-                                           self._after_commit)
+                                           self._after_commit, self.state)
         if self._dist is None:  # a rank writes only its part: its plan is known at its first save
             self._saver.prepare_for(self.state, self.config.capture_rng)  # background: the first save's buffers
         self._last_step: int | None = None

@@ -8,11 +8,12 @@ subclass changes what is written (this rank's part only, :mod:`unbroken.distribu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from ..distributed.commit import save_by_ranks
-from ..distributed.rankplan import RankPlan, plan_rank
+from ..distributed.rankplan import RankPlan, parameter_tensors, plan_rank
 from ..distributed.world import World
 from ..format import Manifest
 from ..io.plan import FilePlan, Run
@@ -25,16 +26,19 @@ __all__ = ["DistributedSaver"]
 
 class DistributedSaver(SaveRunner):
     def __init__(self, world: World, storage: Storage, background: bool, budget_bytes: int | None,
-                 on_commit: Callable[[Manifest], None]) -> None:
+                 on_commit: Callable[[Manifest], None], live: Mapping[str, Any] | None = None) -> None:
+        """``live``: the manager's state, whose modules tell parameters from buffers (without it every
+        module tensor is written by rank 0: exact, with less parallel writing)."""
         # "skip" would let one rank skip a save that another starts: the ranks must agree, so they wait.
         super().__init__(storage, background, "wait", budget_bytes, on_commit)
-        self.world = world
+        self.world, self._live = world, live
         self._plan: RankPlan | None = None
 
     def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
         # Called after the previous save finished (SaveRunner.save waits first), so the in-flight save
         # never sees its plan replaced.
-        self._plan = plan_rank(snap, self.world.rank, self.world.size)
+        parameters = parameter_tensors(self._live, snap) if self._live is not None else frozenset()
+        self._plan = plan_rank(snap, self.world.rank, self.world.size, parameters)
         return self._plan.tensors
 
     def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:

@@ -43,8 +43,9 @@ class DistributedRun:
         return self.world.is_coordinator
 
     def saver(self, storage: Storage, background: bool, budget_bytes: int | None,
-              on_commit: Callable[[Manifest], None]) -> DistributedSaver:
-        return DistributedSaver(self.world, storage, background, budget_bytes, on_commit)
+              on_commit: Callable[[Manifest], None], live: MutableMapping[str, Any] | None = None
+              ) -> DistributedSaver:
+        return DistributedSaver(self.world, storage, background, budget_bytes, on_commit, live)
 
     def source(self) -> Source:
         return BroadcastSource(self.world.control) if self.restore_mode == "broadcast" else DirectSource()
