@@ -1,6 +1,7 @@
 """A DDP training job for tests/distributed (one process per rank, gloo, CPU).
 
     ddp_worker.py RUN_DIR OUT_DIR STEPS [--epochs E] [--every N] [--sync] [--restore-mode direct|broadcast]
+                  [--batchnorm]
 
 Trains until STEPS steps or E epochs.  Each rank logs ``STEP <n>`` after step n and appends
 ``<step> <sample indices>`` to ``OUT_DIR/data<rank>.txt``.  Right after the restore rank 0 writes the
@@ -8,6 +9,8 @@ parameters and optimizer state to ``OUT_DIR/restored.safetensors`` and every ran
 RNG streams to ``OUT_DIR/rngstate<rank>.txt``; at the end the same to ``final.safetensors`` and
 ``rngstate_end<rank>.txt`` (before closing: what the last checkpoint holds), then one draw of each
 RNG to ``rng<rank>.txt``.  Dropout makes every step depend on each rank's own RNG stream.
+``--batchnorm`` adds a BatchNorm1d: its running statistics differ between ranks after every step
+(each rank's own batch) until DDP's next forward broadcasts rank 0's.
 """
 
 from __future__ import annotations
@@ -60,11 +63,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=2)
     parser.add_argument("--sync", action="store_true")
     parser.add_argument("--restore-mode", default="direct")
+    parser.add_argument("--batchnorm", action="store_true")
     args = parser.parse_args()
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    norm = [nn.BatchNorm1d(16)] if args.batchnorm else []
+    model = nn.Sequential(nn.Linear(6, 16), *norm, nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
     # No bucket rebuild after the first iteration: with > 2 ranks the all-reduce sums in an order that
     # depends on the bucket layout, and a resumed run starts again with the initial layout.
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)

@@ -1,5 +1,6 @@
 """DDP at 2 and 4 ranks: SIGKILL every rank mid-run (saves in flight), relaunch, resume: parameters,
-optimizer state, each rank's data order and RNG streams are bitwise those of an uninterrupted run."""
+buffers, optimizer state, each rank's data order and RNG streams are bitwise those of an uninterrupted
+run."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unbroken import list_checkpoints
+from unbroken import list_checkpoints, read_state_dict
 from unbroken.format import Manifest
 
 from .harness import HERE, kill_all, launch, run_ok, wait_for
@@ -41,15 +42,17 @@ def assert_same_run(reference: Path, resumed: Path, world: int) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world", [2, 4])
 def test_sigkill_every_rank_mid_run_then_resume_is_bitwise_exact(tmp_path: Path, world: int) -> None:
-    run_ok(WORKER, [tmp_path / "ref_run", tmp_path / "ref", STEPS], world, tmp_path / "logs_ref")
+    # At 2 ranks with a BatchNorm, whose running statistics differ between the ranks after each step.
+    model = ["--batchnorm"] if world == 2 else []
+    run_ok(WORKER, [tmp_path / "ref_run", tmp_path / "ref", STEPS, *model], world, tmp_path / "logs_ref")
 
     kill_at = random.Random(world).randint(6, 9)
-    ranks = launch(WORKER, [tmp_path / "run", tmp_path / "out", STEPS], world, tmp_path / "logs_crash")
+    ranks = launch(WORKER, [tmp_path / "run", tmp_path / "out", STEPS, *model], world, tmp_path / "logs_crash")
     wait_for(ranks, f"STEP {kill_at}\n", timeout=120)
     kill_all(ranks)  # SIGKILL: an async save may be half-written
     assert all(r.proc.returncode == -9 for r in ranks)
 
-    resumed = run_ok(WORKER, [tmp_path / "run", tmp_path / "out", STEPS], world, tmp_path / "logs_resume")
+    resumed = run_ok(WORKER, [tmp_path / "run", tmp_path / "out", STEPS, *model], world, tmp_path / "logs_resume")
     start = int(resumed[0].output().split("START ", 1)[1].split()[0])
     assert 2 <= start <= kill_at, resumed[0].output()
     assert_same_run(tmp_path / "ref", tmp_path / "out", world)
@@ -77,3 +80,15 @@ def test_a_corrupt_byte_only_one_rank_reads_makes_every_rank_fall_back(tmp_path:
     # Rank 0 quarantined it once every rank was done with it, so step 4 could be saved again.
     assert len(list(run.glob("corrupt-step_000000004-*"))) == 1
     assert [r.step for r in list_checkpoints(run, verify=True) if r.valid][-1] == 6
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_holds_rank_0s_buffers_which_ddp_goes_on_with(tmp_path: Path) -> None:
+    """After a step each rank's BatchNorm holds its own batch's statistics, until DDP's next forward
+    broadcasts rank 0's: the checkpoint must hold rank 0's (parameters are identical anyway)."""
+    run_ok(WORKER, [tmp_path / "run", tmp_path / "out", 4, "--sync", "--batchnorm"], 2, tmp_path / "logs")
+    final = load_file(str(tmp_path / "out" / "final.safetensors"))  # rank 0's, as of the last checkpoint
+    saved = read_state_dict(tmp_path / "run", "model")
+    assert "1.running_mean" in saved
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, final[f"model/{name}"]), name
