@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..checkpoint.listing import decode_metrics
+from ..checkpoint.target import Target, find_checkpoint
 from ..errors import CorruptCheckpointError
 from ..format.values import Json, decode
 from .compare import compare_tensors
 from .diff_result import Change, CheckpointDiff, EntryDiff, Side, TensorDifference, ValueDifference
-from .reading import Located, TensorReader, locate
+from .reading import TensorReader
 
 __all__ = ["diff", "CheckpointDiff"]
 
@@ -32,15 +33,17 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, step_a: int | 
          ) -> CheckpointDiff:
     """Compare checkpoints ``a`` and ``b``.
 
-    Each is a checkpoint directory, or a run directory (its newest checkpoint, or ``step_a`` /
-    ``step_b``), local or a URL (``storage_options`` go to fsspec).  ``atol == 0`` compares bitwise;
+    Each is a checkpoint directory, or a run directory (its newest checkpoint with a valid manifest,
+    older ones skipped with a :class:`CheckpointSkippedWarning`, or ``step_a`` / ``step_b``), local or
+    a URL (``storage_options`` go to fsspec).  A tensor that fails its checksum while compared raises:
+    the walk over both checkpoints is not restarted on an older one.  ``atol == 0`` compares bitwise;
     ``atol > 0`` tolerates ``|a - b| <= atol`` in floating-point tensors and plain floats.  Raises
     :class:`CheckpointNotFoundError` for a missing source and :class:`CorruptCheckpointError` when a
     byte fails its checksum."""
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         raise ValueError(f"atol={atol!r}: expected a finite number >= 0 (0 compares bitwise)")
-    first = locate(a, step_a, storage_options)
-    second = locate(b, step_b, storage_options)
+    first = find_checkpoint(a, step_a, storage_options)
+    second = find_checkpoint(b, step_b, storage_options)
     with TensorReader(first) as reader_a, TensorReader(second) as reader_b:
         return _Comparer(reader_a, reader_b, float(atol)).run()
 
@@ -77,18 +80,18 @@ class _Comparer:
         self.a, self.b, self.atol = reader_a, reader_b, atol
 
     def run(self) -> CheckpointDiff:
-        ma, mb = self.a.located.manifest, self.b.located.manifest
-        entries_a, entries_b = _entries(self.a.located), _entries(self.b.located)
+        ma, mb = self.a.target.manifest, self.b.target.manifest
+        entries_a, entries_b = _entries(self.a.target), _entries(self.b.target)
         header = [ValueDifference(n, x, y) for n, x, y in (("step", ma.step, mb.step),
                                                             ("world_size", ma.world_size, mb.world_size)) if x != y]
         compared = [self._entry(key, node, entries_b[key]) for key, node in entries_a.items() if key in entries_b]
         metrics, metadata = _Found(), _Found()
         self._walk("metrics", decode_metrics(ma.metrics), decode_metrics(mb.metrics), metrics)
         if ma.metadata is not None or mb.metadata is not None:
-            self._walk("metadata", _plain(ma.metadata, self.a.located), _plain(mb.metadata, self.b.located),
+            self._walk("metadata", _plain(ma.metadata, self.a.target), _plain(mb.metadata, self.b.target),
                        metadata)
         return CheckpointDiff(
-            _side(self.a.located), _side(self.b.located), self.atol, tuple(header), tuple(compared),
+            _side(self.a.target), _side(self.b.target), self.atol, tuple(header), tuple(compared),
             tuple(k for k in entries_a if k not in entries_b), tuple(k for k in entries_b if k not in entries_a),
             metrics.freeze("metrics"), metadata.freeze("metadata"))
 
@@ -142,22 +145,22 @@ class _Comparer:
                                                     result.max_abs, result.max_rel))
 
 
-def _entries(located: Located) -> dict[str, dict[str, Json]]:
+def _entries(target: Target) -> dict[str, dict[str, Json]]:
     """The logical entries: shared ones by name, each rank's own as ``NAME (rank R)``."""
-    manifest = located.manifest
+    manifest = target.manifest
     entries = {k: v for k, v in manifest.state.items() if isinstance(v, dict)}
     for rank, per_rank in enumerate(manifest.rank_state or []):
         entries.update({f"{k} (rank {rank})": v for k, v in per_rank.items() if isinstance(v, dict)})
     return entries
 
 
-def _side(located: Located) -> Side:
-    return Side(located.path, located.manifest.step, located.manifest.world_size)
+def _side(target: Target) -> Side:
+    return Side(target.path, target.manifest.step, target.manifest.world_size)
 
 
-def _plain(node: Json, located: Located) -> Any:
+def _plain(node: Json, target: Target) -> Any:
     def no_tensor(_name: str) -> Any:
-        raise CorruptCheckpointError(f"{located.path}: the metadata refers to a tensor; metadata holds plain values")
+        raise CorruptCheckpointError(f"{target.path}: the metadata refers to a tensor; metadata holds plain values")
 
     return decode(node, no_tensor)
 

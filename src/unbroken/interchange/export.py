@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..storage import is_url
 from ..storage.local import fsync_dir, make_dirs_durably
-from .state_dict import Located, float_dtype, locate_each
+from .state_dict import StateEntry, float_dtype, use_entry
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +66,7 @@ def export(source: str | os.PathLike[str], out: str | os.PathLike[str], *, step:
     limit = parse_size(max_shard_size)
     cast = float_dtype(dtype)
     directory, stem = _output(out)
-    return locate_each(source, entry, step, storage_options, lambda found: _write(found, directory, stem, cast, limit))
+    return use_entry(source, entry, step, storage_options, lambda found: _write(found, directory, stem, cast, limit))
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -100,7 +100,7 @@ def _output(out: str | os.PathLike[str]) -> tuple[str, str]:
     return os.path.dirname(full), base[:-len(_SUFFIX)]
 
 
-def _write(found: Located, directory: str, stem: str, dtype: torch.dtype | None, limit: int | None) -> ExportResult:
+def _write(found: StateEntry, directory: str, stem: str, dtype: torch.dtype | None, limit: int | None) -> ExportResult:
     keys = list(found.refs)
     sizes = {key: found.nbytes(key, dtype) for key in keys}
     groups = _shards(keys, sizes, limit)

@@ -16,23 +16,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._internal.warn import warn
-from ..checkpoint.listing import check_named_step
+from ..checkpoint.target import Target, use_checkpoint
 from ..distributed.load import read_whole
 from ..distributed.rankstate import choose_entries, saved_ranks
-from ..errors import CheckpointNotFoundError, CheckpointSkippedWarning, CorruptCheckpointError, is_damage
 from ..format import Manifest
 from ..format.dtypes import itemsize, torch_dtype
 from ..format.values import Json, decode
-from ..io import read_manifest
 from ..state.objects import RESERVED_PREFIX
-from ..storage import Storage, is_url, step_name
-from ..storage.paths import committed_steps, is_checkpoint_dir, open_run, split_checkpoint_path
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["read_state_dict", "Located", "locate_each", "float_dtype"]
+__all__ = ["read_state_dict", "StateEntry", "use_entry", "float_dtype"]
 
 T = TypeVar("T")
 
@@ -45,19 +40,21 @@ class _Ref:
 
 
 @dataclass(frozen=True)
-class Located:
+class StateEntry:
     """The tensors of one entry of one checkpoint, before any of their bytes are read."""
 
-    storage: Storage
-    name: str
-    manifest: Manifest
+    target: Target
     entry: str
     refs: dict[str, str]
     """Each key of the state dict -> the stored tensor holding it."""
 
     @property
+    def manifest(self) -> Manifest:
+        return self.target.manifest
+
+    @property
     def path(self) -> str:
-        return f"{self.storage.url}/{self.name}"
+        return self.target.path
 
     def dtype_of(self, key: str) -> str:
         stored = self.refs[key]
@@ -79,8 +76,11 @@ class Located:
 
     def read(self, keys: list[str], dtype: torch.dtype | None = None, device: Any = "cpu"
              ) -> dict[str, torch.Tensor]:
-        """The tensors at ``keys``, whole and verified, cast and moved as asked."""
-        tensors = read_whole(self.storage, self.name, self.manifest, list(dict.fromkeys(self.refs[k] for k in keys)))
+        """The tensors at ``keys``, whole and verified, cast and moved as asked.  Read as one batch
+        (small neighbours coalesced into one read); ``interchange.reading.TensorReader`` says why
+        ``diff`` reads otherwise."""
+        wanted = list(dict.fromkeys(self.refs[k] for k in keys))
+        tensors = read_whole(self.target.storage, self.target.name, self.manifest, wanted)
         out = {}
         for key in keys:
             tensor = tensors[self.refs[key]]
@@ -110,8 +110,7 @@ def read_state_dict(source: str | os.PathLike[str], entry: str = "model", *, ste
     :class:`~unbroken.CheckpointSkippedWarning`.
     """
     cast = float_dtype(dtype)
-    return locate_each(source, entry, step, storage_options,
-                       lambda found: found.read(list(found.refs), cast, device))
+    return use_entry(source, entry, step, storage_options, lambda found: found.read(list(found.refs), cast, device))
 
 
 def float_dtype(dtype: Any) -> torch.dtype | None:
@@ -127,63 +126,26 @@ def float_dtype(dtype: Any) -> torch.dtype | None:
     return found
 
 
-def locate_each(source: str | os.PathLike[str], entry: str, step: int | None,
-                storage_options: dict[str, Any] | None, use: Callable[[Located], T]) -> T:
+def use_entry(source: str | os.PathLike[str], entry: str, step: int | None,
+              storage_options: dict[str, Any] | None, use: Callable[[StateEntry], T]) -> T:
     """``use(the entry of the checkpoint source names)``.  For the newest checkpoint of a run, one
-    found damaged (while locating or inside ``use``) is skipped with a warning for the one before."""
-    candidates, fall_back = _candidates(source, step, storage_options)
-    first: Exception = CheckpointNotFoundError(f"{source}: holds no checkpoint")  # replaced: never empty
-    for number, (storage, name) in enumerate(candidates):
-        try:
-            return use(_locate(storage, name, entry))
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-            damaged = is_damage(exc) or isinstance(exc, CheckpointNotFoundError)  # or deleted since the listing
-            if not (fall_back and damaged):
-                raise
-            first = exc if number == 0 else first
-            warn(f"skipping checkpoint {storage.url}/{name}: {exc}", CheckpointSkippedWarning)
-    raise first
+    found damaged (while locating or inside ``use``, e.g. a tensor failing its checksum) is skipped
+    with a warning for the one before (:mod:`unbroken.checkpoint.target`)."""
+    return use_checkpoint(source, step, storage_options, lambda target: use(_resolve(target, entry)))
 
 
-def _candidates(source: str | os.PathLike[str], step: int | None, storage_options: dict[str, Any] | None
-                ) -> tuple[list[tuple[Storage, str]], bool]:
-    """The checkpoints to try, newest first, and whether a damaged one may fall back to the next."""
-    full = os.fspath(source).rstrip("/") if is_url(source) else os.path.abspath(os.fspath(source))
-    if is_checkpoint_dir(full, storage_options):
-        storage, name = split_checkpoint_path(full, storage_options)
-        if step is not None:
-            saved = read_manifest(storage, name).step
-            if saved != step:
-                raise CheckpointNotFoundError(f"{full} is the checkpoint of step {saved}, not step {step}; pass "
-                                              "its run directory with step=, or leave step out")
-        return [(storage, name)], False
-    if not is_url(full) and not os.path.isdir(full):
-        raise CheckpointNotFoundError(f"{full}: no such checkpoint or run directory")
-    run = open_run(full, storage_options)
-    steps = committed_steps(run)
-    if step is not None:
-        if step not in steps:
-            raise CheckpointNotFoundError(f"no checkpoint for step {step} in {run.url}; available steps: "
-                                          f"{steps or 'none'}")
-        return [(run, step_name(step))], False
-    if not steps:
-        raise CheckpointNotFoundError(f"{full}: holds no checkpoint (no manifest.json, no step_* directory)")
-    return [(run, step_name(found)) for found in reversed(steps)], True
-
-
-def _locate(storage: Storage, name: str, entry: str) -> Located:
-    manifest = read_manifest(storage, name)
-    check_named_step(storage, name, manifest)
+def _resolve(target: Target, entry: str) -> StateEntry:
+    manifest = target.manifest
     entries = _entries(manifest)
-    key, rest = _split_entry(entry, entries, f"{storage.url}/{name}")
+    key, rest = _split_entry(entry, entries, target.path)
     node = entries[key]
     if node is None:
-        raise ValueError(f"state entry {key!r} of {storage.url}/{name} differs between the "
+        raise ValueError(f"state entry {key!r} of {target.path} differs between the "
                          f"{manifest.world_size} ranks that saved it, so no one state dict is the entry; "
                          "export an entry saved once for all ranks (a module, e.g. 'model')")
     value = decode(node.get("value") if isinstance(node, dict) else None, _Ref)
     found = _descend(value, rest, key)
-    return Located(storage, name, manifest, entry, _tensor_dict(found, entry))
+    return StateEntry(target, entry, _tensor_dict(found, entry))
 
 
 def _entries(manifest: Manifest) -> dict[str, Json | None]:
