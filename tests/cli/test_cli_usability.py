@@ -236,6 +236,17 @@ def test_ls_json_keeps_metrics_numbers_and_is_valid_json(tmp_path: Path, capsys:
     assert math.isnan(float(record["metrics"]["nan"])) and float(record["metrics"]["ninf"]) == -math.inf
 
 
+def test_a_missing_metric_shows_as_a_dash_in_the_table_and_null_in_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    unbroken.save(tmp_path / "step_000000001", {"epoch": 1}, step=1, rng=False, metrics={"loss": None, "acc": 0.5})
+    code, out, err = _cli(capsys, "ls", tmp_path)
+    assert (code, err) == (0, "") and "loss=- acc=0.5" in out  # "loss=None" before
+    code, out, _ = _cli(capsys, "show", tmp_path)
+    assert code == 0 and "metrics: loss=-, acc=0.5" in out
+    code, out, _ = _cli(capsys, "ls", tmp_path, "--json")
+    assert code == 0 and json.loads(out)[0]["metrics"] == {"loss": None, "acc": 0.5}
+
+
 def test_every_command_counts_sizes_in_the_same_decimal_units(run: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     size = format_size(unbroken.read_info(run / "step_000000001").manifest.total_bytes)

@@ -373,8 +373,11 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _number(value: Any) -> Any:
-    """A metric for the table and for --json: a float to 6 digits, an int as it is.  unbroken writes no
-    other metrics; whatever a foreign manifest holds instead is shown as text, so it cannot fail either."""
+    """A metric for the table and for --json: a float to 6 digits, an int as it is, a missing one
+    (None, which metrics may hold) as "-".  unbroken writes no other metrics; whatever a foreign
+    manifest holds instead is shown as text, so it cannot fail either."""
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, int) and not isinstance(value, bool) and _text(value).lstrip("-").isdigit():
