@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from .checkpoint.oneshot import load, save
     from .data import DataLoader, ResumableSampler, make_resumable
     from .interchange.diff import diff
-    from .interchange.export import export
+    from .interchange.diff_result import CheckpointDiff
+    from .interchange.export import ExportResult, export
     from .interchange.importing import import_checkpoint
     from .interchange.state_dict import read_state_dict
     from .manager.checkpoint_manager import CheckpointManager
@@ -63,6 +64,7 @@ _LAZY = {
     "copy_checkpoints": "manager.maintenance", "quarantine_corrupt": "manager.maintenance",
     "export": "interchange.export", "read_state_dict": "interchange.state_dict",
     "import_checkpoint": "interchange.importing", "diff": "interchange.diff",
+    "CheckpointDiff": "interchange.diff_result", "ExportResult": "interchange.export",
 }
 
 __all__ = [
@@ -74,7 +76,7 @@ __all__ = [
     "StateMismatchError", "CheckpointNotFoundError", "CheckpointExistsError", "StorageError", "RunLockedError",
     "RunDirectoryReplacedError", "DistributedError",
     "CheckpointSkippedWarning", "Preempted", "EXIT_PREEMPTED", "prune", "PruneResult", "copy_checkpoints",
-    "quarantine_corrupt", "export", "read_state_dict", "import_checkpoint", "diff",
+    "quarantine_corrupt", "export", "read_state_dict", "import_checkpoint", "diff", "CheckpointDiff", "ExportResult",
 ]
 
 

@@ -272,3 +272,8 @@ def test_a_checkpoint_saved_by_several_ranks_compares_its_logical_state(tmp_path
     (w,) = entry(result, "model").differing_tensors
     assert (w.name, w.differing, w.max_abs) == ("model/w", 1, 0.5)
     assert entry(result, "epoch (rank 1)").identical and not result.checkpoint
+
+
+def test_the_result_type_is_public(tmp_path: Path) -> None:
+    result = unbroken.diff(save(tmp_path / "a", weights()), save(tmp_path / "b", weights()))
+    assert isinstance(result, unbroken.CheckpointDiff) and "CheckpointDiff" in unbroken.__all__

@@ -63,6 +63,7 @@ def test_exported_model_loads_strictly_and_computes_bit_for_bit_what_the_saved_m
         saved: tuple[Path, nn.Module, nn.Module], tmp_path: Path) -> None:
     run, model, _ = saved
     result = unbroken.export(run, tmp_path / "out" / "model.safetensors")
+    assert isinstance(result, unbroken.ExportResult) and "ExportResult" in unbroken.__all__
     assert result.paths == (str(tmp_path / "out" / "model.safetensors"),) and result.index is None
     assert (result.step, result.tensors) == (20, len(model.state_dict()))
     assert result.bytes == sum(t.nbytes for t in model.state_dict().values())
