@@ -29,6 +29,7 @@ from unbroken.cli.diff_command import add_diff
 from unbroken.cli.export_command import add_export
 from unbroken.cli.import_command import add_import
 from unbroken.cli.progress import ProgressBars
+from unbroken.cli.report_command import add_report
 from unbroken.cli.storage_commands import add_cp, add_prune, add_storage_option, storage_options
 from unbroken.cli.targets import check_exists, checkpoint_of, is_checkpoint, no_checkpoints
 from unbroken.cli.units import format_size
@@ -128,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     add_export(sub)
     add_import(sub)
     add_diff(sub)
+    add_report(sub)
     _add_run(sub)
     return parser
 
