@@ -300,6 +300,26 @@ def test_verify_shows_progress_on_a_terminal(run: Path, monkeypatch: pytest.Monk
     assert terminal.getvalue() == ""
 
 
+def test_export_and_import_show_progress_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    unbroken.save(tmp_path / "ck", {"model": {"w": torch.ones(300_000)}}, rng=False)
+    torch.save({"w": torch.ones(300_000)}, tmp_path / "weights.pt")
+    terminal = _stderr_on_a_terminal(monkeypatch)
+    assert main(["export", str(tmp_path / "ck"), "-o", str(tmp_path / "out")]) == 0  # silent before
+    assert "model.safetensors" in terminal.getvalue() and "/1.20M " in terminal.getvalue()
+    assert "1 tensors, 1.2 MB" in capsys.readouterr().out  # format_size, as every command counts
+    terminal.seek(0)
+    terminal.truncate()
+    assert main(["import", str(tmp_path / "weights.pt"), "-o", str(tmp_path / "run"), "--step", "1"]) == 0
+    assert "weights.pt" in terminal.getvalue() and "step_000000001" in terminal.getvalue()
+    terminal.seek(0)
+    terminal.truncate()
+    assert main(["export", str(tmp_path / "ck"), "-o", str(tmp_path / "out2"), "--no-progress"]) == 0
+    assert main(["import", str(tmp_path / "weights.pt"), "-o", str(tmp_path / "run"), "--step", "2",
+                 "--no-progress"]) == 0
+    assert terminal.getvalue() == ""
+
+
 def test_verify_reports_every_byte_it_checks(run: Path) -> None:
     calls: list[tuple[str, int]] = []
     checked: list[int] = []

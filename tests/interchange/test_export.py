@@ -8,6 +8,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 import unbroken
 from tests.helpers import make_ema, make_mlp, train
 from unbroken.cli.main import main
+from unbroken.cli.units import format_size
 from unbroken.format import Manifest
 from unbroken.storage import step_name
 
@@ -79,6 +81,27 @@ def test_export_metadata_records_the_source_step_checkpoint_and_entry(
     with safe_open(result.paths[0], "pt") as f:
         assert f.metadata() == {"format": "pt", "unbroken.step": "20", "unbroken.entry": "ema",
                                 "unbroken.checkpoint": str(run / step_name(20))}
+
+
+def test_export_reports_every_byte_of_every_file_it_writes(saved: tuple[Path, nn.Module, nn.Module],
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _, _ = saved
+    monkeypatch.setattr("unbroken.interchange.export._PROGRESS_BATCH", 64)  # several batches per shard
+    calls: list[tuple[str, int]] = []
+    steps: dict[str, list[int]] = {}
+
+    def progress(name: str, total: int) -> Any:
+        calls.append((name, total))
+        steps[name] = []
+        return steps[name].append
+
+    result = unbroken.export(run, tmp_path / "out", dtype="bfloat16", max_shard_size=100, progress=progress)
+    shards = [os.path.basename(p) for p in result.paths if p != result.index]
+    assert [name for name, _ in calls] == shards and len(shards) > 1
+    assert all(sum(steps[name]) == total for name, total in calls)
+    assert max(len(done) for done in steps.values()) > 1  # a shard's bytes move as its batches are read
+    assert sum(total for _, total in calls) == result.bytes
+    assert unbroken.export(run, tmp_path / "again", progress=lambda name, total: None).bytes > 0  # no callback
 
 
 def test_ema_export_equals_the_ema_module(saved: tuple[Path, nn.Module, nn.Module], tmp_path: Path) -> None:
@@ -247,7 +270,8 @@ def test_cli_export_writes_the_file_and_says_what_it_wrote(saved: tuple[Path, nn
     assert main(["export", str(run), "-o", str(out), "--dtype", "float16", "--entry", "model"]) == 0
     printed = capsys.readouterr().out
     assert f"exported 'model' of step 20 from {run / step_name(20)}" in printed and str(out) in printed
-    assert f"{len(model.state_dict())} tensors" in printed and " MB" in printed
+    size = sum(t.numel() * 2 if t.is_floating_point() else t.nbytes for t in model.state_dict().values())
+    assert f"{len(model.state_dict())} tensors, {format_size(size)}\n" in printed  # "0.0 MB" before
     assert load_file(str(out))["0.weight"].dtype == torch.float16
     assert main(["export", str(run), "-o", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err

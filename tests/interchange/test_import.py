@@ -72,6 +72,27 @@ def test_a_model_and_an_optimizer_file_together_make_one_checkpoint(tmp_path: Pa
     assert_exactly_equal(restored_optimizer.state_dict(), optimizer.state_dict())
 
 
+def test_import_reports_every_byte_it_loads_and_writes(tmp_path: Path) -> None:
+    model, optimizer = trained()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    torch.save(optimizer.state_dict(), tmp_path / "optim.pth")
+    calls: list[tuple[str, int]] = []
+    done: dict[str, int] = {}
+
+    def progress(name: str, total: int) -> Any:
+        calls.append((name, total))
+        done[name] = 0
+        return lambda n: done.__setitem__(name, done[name] + n)
+
+    unbroken.import_checkpoint([tmp_path / "model.pth", tmp_path / "optim.pth"], tmp_path / "run", step=2,
+                               progress=progress)
+    tensor_bytes = sum(t.nbytes for t in model.state_dict().values()) + sum(
+        t.nbytes for s in optimizer.state_dict()["state"].values() for t in s.values() if isinstance(t, torch.Tensor))
+    assert calls == [("model.pth", (tmp_path / "model.pth").stat().st_size),
+                     ("optim.pth", (tmp_path / "optim.pth").stat().st_size), (step_name(2), tensor_bytes)]
+    assert done == dict(calls)  # each one's bytes add up to its total
+
+
 # -- consistency models ---------------------------------------------------------------------------
 
 def write_consistency_models(directory: Path, step: int) -> dict[str, Any]:

@@ -13,7 +13,9 @@ import sys
 from typing import Any
 
 import unbroken
+from unbroken.cli.progress import ProgressBars
 from unbroken.cli.storage_commands import storage_options
+from unbroken.cli.units import format_size
 
 __all__ = ["add_export"]
 
@@ -46,6 +48,7 @@ def add_export(sub: Any) -> None:
                         metavar="KEY=VALUE",
                         help="fsspec storage option for a URL SOURCE, e.g. --storage-option "
                              "endpoint_url=http://127.0.0.1:9000 (-o KEY=VALUE of ls and cp; -o is the output here)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
     export.set_defaults(run=_export)
 
 
@@ -59,13 +62,14 @@ def _export(args: argparse.Namespace) -> int:
         print(f"unbroken export: error: {str(exc).replace('-o ', '--storage-option ', 1)}", file=sys.stderr)
         return 2
     try:
-        result = unbroken.export(args.source, args.out, step=args.step, entry=args.entry, dtype=args.dtype,
-                                 max_shard_size=size, storage_options=options)
+        with ProgressBars(enabled=not args.no_progress) as bars:
+            result = unbroken.export(args.source, args.out, step=args.step, entry=args.entry, dtype=args.dtype,
+                                     max_shard_size=size, storage_options=options, progress=bars)
     except FileExistsError as exc:
         print(f"unbroken export: error: {exc}", file=sys.stderr)
         return 1
     print(f"exported {result.entry!r} of step {result.step} from {result.checkpoint}")
     for path in result.paths:
         print(f"  {path}")
-    print(f"{result.tensors} tensors, {result.bytes / 1e6:.1f} MB")
+    print(f"{result.tensors} tensors, {format_size(result.bytes)}")
     return 0

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import unbroken
+from unbroken.cli.progress import ProgressBars
 from unbroken.cli.storage_commands import storage_options
 
 __all__ = ["add_import"]
@@ -38,6 +39,7 @@ def add_import(sub: Any) -> None:
     command.add_argument("--storage-option", dest="option", action="append", default=[], metavar="KEY=VALUE",
                          help="fsspec storage option for a URL RUN, e.g. --storage-option "
                               "endpoint_url=http://127.0.0.1:9000 (values are JSON when they parse)")
+    command.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
     command.set_defaults(run=_import)
 
 
@@ -47,7 +49,9 @@ def _import(args: argparse.Namespace) -> int:
     except ValueError as exc:  # its message names the flag the other commands have
         print(f"unbroken import: error: {str(exc).replace('-o ', '--storage-option ', 1)}", file=sys.stderr)
         return 2
-    record = unbroken.import_checkpoint(args.sources, args.run_dir, step=args.step, storage_options=options)
+    with ProgressBars(enabled=not args.no_progress) as bars:
+        record = unbroken.import_checkpoint(args.sources, args.run_dir, step=args.step, storage_options=options,
+                                            progress=bars)
     info = unbroken.read_info(record.path, options)
     imported = (info.manifest.metadata or {}).get("imported", {}) if isinstance(info.manifest.metadata, dict) else {}
     print(f"imported step {record.step} ({imported.get('step_from', '')}) as {record.path}")

@@ -17,11 +17,12 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..io.reader import VerifyProgress as Progress
 from ..storage import is_url
 from ..storage.local import fsync_dir, make_dirs_durably
 from .state_dict import StateEntry, float_dtype, use_entry
@@ -35,6 +36,10 @@ _SUFFIX = ".safetensors"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*$")
+# With a progress callback, a shard's tensors are read in batches of about this many bytes (at most
+# _PROGRESS_STEPS of them) so that progress moves while a large shard is read; without one, in one batch.
+_PROGRESS_BATCH = 128 * 10**6
+_PROGRESS_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class ExportResult:
 
 def export(source: str | os.PathLike[str], out: str | os.PathLike[str], *, step: int | None = None,
            entry: str = "model", dtype: torch.dtype | str | None = None, max_shard_size: int | str | None = None,
-           storage_options: dict[str, Any] | None = None) -> ExportResult:
+           storage_options: dict[str, Any] | None = None, progress: Progress | None = None) -> ExportResult:
     """Write state entry ``entry`` of a checkpoint as safetensors a model's ``load_state_dict`` takes.
 
     ``source``, ``step``, ``entry``, ``dtype`` and ``storage_options`` are those of
@@ -62,11 +67,16 @@ def export(source: str | os.PathLike[str], out: str | os.PathLike[str], *, step:
     ``max_shard_size`` (bytes, or ``"5GB"``, ``"500MB"``: decimal units, as Hugging Face counts; ``GiB``
     etc. are binary) a larger export is split into shards ``<name>-00001-of-0000N.safetensors`` with
     ``<name>.safetensors.index.json``.  Existing files are never overwritten: remove them first.
+
+    ``progress(file_name, total_bytes)`` is called as each output file is begun and may return a
+    callback that receives the bytes of its tensors as they are read and verified (they add up to
+    ``total_bytes``, the file's tensor bytes after ``dtype``), as :func:`unbroken.verify` reports.
     """
     limit = parse_size(max_shard_size)
     cast = float_dtype(dtype)
     directory, stem = _output(out)
-    return use_entry(source, entry, step, storage_options, lambda found: _write(found, directory, stem, cast, limit))
+    return use_entry(source, entry, step, storage_options,
+                     lambda found: _write(found, directory, stem, cast, limit, progress))
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -100,7 +110,8 @@ def _output(out: str | os.PathLike[str]) -> tuple[str, str]:
     return os.path.dirname(full), base[:-len(_SUFFIX)]
 
 
-def _write(found: StateEntry, directory: str, stem: str, dtype: torch.dtype | None, limit: int | None) -> ExportResult:
+def _write(found: StateEntry, directory: str, stem: str, dtype: torch.dtype | None, limit: int | None,
+           progress: Progress | None) -> ExportResult:
     keys = list(found.refs)
     sizes = {key: found.nbytes(key, dtype) for key in keys}
     groups = _shards(keys, sizes, limit)
@@ -114,7 +125,9 @@ def _write(found: StateEntry, directory: str, stem: str, dtype: torch.dtype | No
                 "unbroken.entry": found.entry}
     with _publishing(directory) as publish:
         for name, group in zip(names, groups, strict=True):
-            publish(name, lambda path, group=group: _save(found.read(group, dtype), path, metadata))
+            advance = progress(name, sum(sizes[k] for k in group)) if progress is not None else None
+            publish(name, lambda path, group=group, advance=advance:
+                    _save(_read(found, group, sizes, dtype, advance), path, metadata))
         if index is not None:
             weight_map = {key: name for name, group in zip(names, groups, strict=True) for key in group}
             document = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
@@ -122,6 +135,18 @@ def _write(found: StateEntry, directory: str, stem: str, dtype: torch.dtype | No
     written = tuple(os.path.join(directory, n) for n in [*names, *([index] if index else [])])
     return ExportResult(written, found.manifest.step, found.path, found.entry, len(keys), sum(sizes.values()),
                         os.path.join(directory, index) if index else None)
+
+
+def _read(found: StateEntry, keys: list[str], sizes: dict[str, int], dtype: torch.dtype | None,
+          advance: Callable[[int], None] | None) -> dict[str, torch.Tensor]:
+    """The tensors at ``keys``; with ``advance``, read in batches, each one's bytes reported once read."""
+    if advance is None:
+        return found.read(keys, dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    for batch in _shards(keys, sizes, max(_PROGRESS_BATCH, sum(sizes[k] for k in keys) // _PROGRESS_STEPS)):
+        tensors.update(found.read(batch, dtype))
+        advance(sum(sizes[k] for k in batch))
+    return tensors
 
 
 def _shards(keys: list[str], sizes: dict[str, int], limit: int | None) -> list[list[str]]:

@@ -11,7 +11,7 @@ docs/IMPORT.md for the formats and the entries each gives.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .._internal.warn import warn
@@ -21,6 +21,8 @@ from ..errors import CheckpointExistsError, RunLockedError, UnserializableStateE
 from ..format import Manifest
 from ..format.values import encode
 from ..io import FilePlan, live_runs, write_checkpoint
+from ..io.plan import Run
+from ..io.reader import VerifyProgress as Progress
 from ..manager.run_directory import open_run_directory
 from ..manager.runlock import RunLock
 from ..state.capture import Snapshot
@@ -35,7 +37,8 @@ Source = str | os.PathLike[str]
 
 
 def import_checkpoint(sources: Source | Sequence[Source], run: Source, *, step: int | None = None,
-                      storage_options: dict[str, Any] | None = None) -> CheckpointRecord:
+                      storage_options: dict[str, Any] | None = None, progress: Progress | None = None
+                      ) -> CheckpointRecord:
     """Import the torch checkpoint(s) of one training step as checkpoint ``step_N`` of ``run``.
 
     sources: a file (``.pt``/``.pth``/``.bin``/``.ckpt``/``.safetensors``) or a directory (a Hugging Face
@@ -46,11 +49,16 @@ def import_checkpoint(sources: Source | Sequence[Source], run: Source, *, step: 
     Files are loaded with ``torch.load(weights_only=True)`` only.  Never overwrites: an existing
     ``step_N`` is refused.  A local run is locked while the checkpoint is written, so an import cannot
     race a training that is saving there.
+
+    ``progress(name, total_bytes)`` may return a callback for the bytes done (as
+    :func:`unbroken.verify` reports): once per source as it is loaded (its name and size on disk,
+    reported whole when ``torch.load`` returns), then once for the checkpoint written (``step_N`` and
+    its tensor bytes, reported as they are written).  The bytes of each add up to its total.
     """
     paths = _source_paths(sources)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    found = [read_source(path, step) for path in paths]
+    found = [_load(path, step, progress) for path in paths]
     chosen, origin = _choose_step(found, step, paths)
     snap = _snapshot(_merge(found))
     metadata = {"imported": {"format": "+".join(dict.fromkeys(f.format for f in found)),
@@ -62,12 +70,28 @@ def import_checkpoint(sources: Source | Sequence[Source], run: Source, *, step: 
         if storage.exists(name):
             raise CheckpointExistsError(f"{storage.url}/{name} already exists; an import never overwrites. Fix: "
                                         "pass --step with another step, or import into another run directory")
-        manifest = _write(storage, name, snap, chosen, metadata)
+        manifest = _write(storage, name, snap, chosen, metadata, progress)
     newer = [s for s in committed_steps(storage) if s > chosen]
     if newer:
         warn(f"{storage.url} also holds newer checkpoints (steps {newer}): restore() resumes from the newest; "
              f"restore(step={chosen}) resumes from the imported one", UserWarning)
     return record_of(storage, name, manifest)
+
+
+def _load(path: str, step: int | None, progress: Progress | None) -> Found:
+    """One source read; torch.load reports nothing while it runs, so its bytes are reported whole."""
+    advance = progress(os.path.basename(path), _disk_size(path)) if progress is not None else None
+    found = read_source(path, step)
+    if advance is not None:
+        advance(_disk_size(path))
+    return found
+
+
+def _disk_size(path: str) -> int:
+    """A file's size, or the size of the files directly in a directory."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
 
 
 def _source_paths(sources: Source | Sequence[Source]) -> list[str]:
@@ -129,10 +153,22 @@ def _snapshot(entries: dict[str, Entry]) -> Snapshot:
     return snap
 
 
-def _write(storage: Storage, name: str, snap: Snapshot, step: int, metadata: Any) -> Manifest:
+def _write(storage: Storage, name: str, snap: Snapshot, step: int, metadata: Any, progress: Progress | None
+           ) -> Manifest:
     plan = FilePlan.build(snap.tensors)
     manifest = build_manifest(snap, step, None, metadata)
-    return write_checkpoint(storage, name, plan, live_runs(plan, snap.tensors), manifest)
+    runs: Iterable[Run] = live_runs(plan, snap.tensors)
+    advance = progress(name, sum(span.nbytes for span in plan.spans)) if progress is not None else None
+    if advance is not None:
+        runs = _reported(runs, advance)
+    return write_checkpoint(storage, name, plan, runs, manifest)
+
+
+def _reported(runs: Iterable[Run], advance: Callable[[int], None]) -> Iterator[Run]:
+    """``runs``, each one's tensor bytes reported when the writer asks for the next (it is written then)."""
+    for run in runs:
+        yield run
+        advance(sum(end - start for _, start, end in run[1]))
 
 
 class _RunLocked:
