@@ -29,9 +29,11 @@ from ..format import Manifest
 from ..state import capture, check_state_keys
 from ..storage import LocalStorage, Storage, open_storage, step_name
 from ..storage.paths import split_checkpoint_path
+from .events import EventLog, SaveStats
 from .mirror import Mirror
 from .options import ManagerOptions, takes_options
-from .preemption import EXIT_PREEMPTED, Preempted, Stops, absolute_deadline, parse_signals, write_stop_marker
+from .pending_grads import GradientCheck
+from .preemption import EXIT_PREEMPTED, Preempted, Stops, earliest_limit, parse_signals, write_stop_marker
 from .quarantine import quarantine, repair_from
 from .ranks import DistributedRun, attach
 from .retention import expired
@@ -93,6 +95,7 @@ class CheckpointManager:
             self._saver.prepare_for(self.state, self.config.capture_rng)  # background: the first save's buffers
         self._last_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
+        self._gradients = GradientCheck()
         self._saved_steps: set[int] = set()
         self._last_committed: Manifest | None = None
         # The newest checkpoint known good in this process (restored from this run, or committed by this
@@ -100,6 +103,7 @@ class CheckpointManager:
         self._verified_step: int | None = None
         self._closed = False
         self._closed_reason = ""
+        self._save_reason = "explicit"  # the reason of save()'s saves in the event log ("close" from close())
         self._lock: RunLock | None = None
         if self.config.lock and isinstance(self.storage, LocalStorage) and (self._dist is None or
                                                                               self._dist.is_coordinator):
@@ -107,8 +111,9 @@ class CheckpointManager:
             self._lock.acquire(self.config.lock_timeout)
             weakref.finalize(self, self._lock.release)  # a manager dropped without close() frees the run
         cfg = self.config
-        self._stops = Stops(parse_signals(cfg.stop_signals), margin=cfg.deadline_margin,
-                            deadline=absolute_deadline(cfg.max_runtime, cfg.deadline, cfg.deadline_from_slurm))
+        deadline, kind = earliest_limit(cfg.max_runtime, cfg.deadline, cfg.deadline_from_slurm)
+        self._stops = Stops(parse_signals(cfg.stop_signals), margin=cfg.deadline_margin, deadline=deadline,
+                            deadline_kind=kind)
         weakref.finalize(self, self._stops.uninstall)
         # Under torch.distributed the coordinator alone uploads: the checkpoint is one, in a shared directory.
         if self.config.mirror_to is not None and (self._dist is None or self._dist.is_coordinator):
@@ -116,6 +121,10 @@ class CheckpointManager:
             # Local retention skips the checkpoint being uploaded; it runs again once that upload is done.
             self._mirror = Mirror(self.storage, remote, self.config.mirror_policies(),
                                   on_uploaded=_weak_call(self._apply_retention))
+        world = self._dist.world if self._dist is not None else None
+        self._events = EventLog.for_manager(self.storage, writes=world is None or world.is_coordinator,
+                                            enabled=cfg.events, on_event=cfg.on_event, rank=world.rank if world else 0,
+                                            world_size=world.size if world else 1, clock=self._schedule.clock)
 
     # -- resuming ---------------------------------------------------------------------------------
     def restore(self, step: int | None = None, path: str | os.PathLike[str] | None = None,
@@ -131,7 +140,7 @@ class CheckpointManager:
             if self._mirror is not None:  # rank 0: it lists the run for every rank after this download
                 self._mirror.fetch(step)
             restored = self._dist.restore(self.storage, self.state, strict, self.config.capture_rng, step=step,
-                                          path=path, on_corrupt=partial(quarantine, self.storage))
+                                          path=path, on_corrupt=partial(quarantine, self.storage, events=self._events))
             return self._resumed(restored, from_this_run=path is None, started=started)
         removed = self.storage.cleanup()
         if removed:
@@ -147,17 +156,19 @@ class CheckpointManager:
             if self._mirror is not None:  # a new machine: the newest checkpoint may only be in the bucket
                 self._mirror.fetch()
             manifest = restore_newest(self.storage, self.state, strict, self.config.capture_rng,
-                                      on_corrupt=self._set_aside)
+                                      on_corrupt=self._set_aside, on_skip=self._events.skipped)
         return self._resumed(manifest, from_this_run=path is None, started=started)
 
     def _set_aside(self, name: str, problem: CorruptCheckpointError) -> bool:
         """Quarantine a checkpoint found corrupt while resuming; True when the mirror put a good copy in
         its place (restore tries it again), else restore falls back to the previous checkpoint."""
-        return quarantine(self.storage, name, problem) is not None and repair_from(self._mirror, name)
+        moved = quarantine(self.storage, name, problem, events=self._events)
+        return moved is not None and repair_from(self._mirror, name)
 
     def _resumed(self, manifest: Manifest | None, from_this_run: bool, started: float) -> int:
         """Account for a restore that began at ``started`` (on the schedule's clock) and log it, with
         the size of the checkpoint and the time it took: a long restore is otherwise silent."""
+        self._events.restored(manifest, self._schedule.clock() - started, from_this_run)
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
             return 0
@@ -187,6 +198,7 @@ class CheckpointManager:
                              "completed steps, which only grows")
         self._last_step = step
         self._last_metrics = dict(metrics or {})
+        self._events.metrics(step, self._last_metrics)
         self._stops.step_done()
         reason = self._stops.reason()
         if reason is not None:
@@ -206,7 +218,7 @@ class CheckpointManager:
             warn(message, RuntimeWarning)
             self._saved_steps.add(step)
             return False
-        return self._start_save(step, self._last_metrics)
+        return self._start_save(step, self._last_metrics, "schedule")
 
     def save(self, step: int | None = None, metrics: dict[str, Any] | None = None,
              wait: bool = True) -> CheckpointRecord | None:
@@ -223,7 +235,8 @@ class CheckpointManager:
         if self.storage.exists(step_name(step)):
             raise CheckpointExistsError(f"a checkpoint for step {step} already exists in {self.storage.url}; "
                                         "committed checkpoints are never overwritten")
-        if not self._start_save(step, dict(metrics) if metrics is not None else self._last_metrics) or not wait:
+        if not self._start_save(step, dict(metrics) if metrics is not None else self._last_metrics,
+                                self._save_reason) or not wait:
             return None
         self._surface_errors(block=True)
         committed = self._last_committed
@@ -232,9 +245,10 @@ class CheckpointManager:
     def _stop(self, step: int, reason: str) -> None:
         """Save ``step`` (unless saved), wait for the commit, close, and leave the training loop."""
         log.warning("stopping at step %d (%s): saving a checkpoint first", step, reason)
+        self._events.stopped(step, *self._stops.cause())
         self._surface_errors(block=True)  # the save in flight (an older step) commits first
         if step not in self._saved_steps and not self.storage.exists(step_name(step)):
-            self._start_save(step, self._last_metrics)
+            self._start_save(step, self._last_metrics, "stop")
             self._surface_errors(block=True)
         self.close()
         if isinstance(self.storage, LocalStorage):
@@ -245,7 +259,7 @@ class CheckpointManager:
             raise Preempted(step, reason)
         raise SystemExit(EXIT_PREEMPTED)
 
-    def _start_save(self, step: int, metrics: dict[str, Any]) -> bool:
+    def _start_save(self, step: int, metrics: dict[str, Any], reason: str) -> bool:
         """Snapshot and start writing; False if skipped (``when_busy="skip"``).  A synchronous save
         is complete, and its error raised, when this returns."""
         if self._saver.skips(step):
@@ -254,6 +268,8 @@ class CheckpointManager:
         # The previous save's failure is that save's: raised or warned about here, by on_save_error.
         self._surface_errors(block=True)
         self._stops.save_started()
+        self._events.save_started(step, reason, self.config.async_save)
+        self._gradients.at_save(step)  # a save between gradient-accumulation micro-steps: warned once
         with paused_gc():
             snap = capture(self.state, rng=self.config.capture_rng)
             manifest = build_manifest(snap, step, metrics, self.config.metadata)
@@ -262,7 +278,9 @@ class CheckpointManager:
         self._schedule.saved(step)
         if not self.config.async_save:
             self._surface_errors(block=True)
-        self._schedule.save_cost(self._schedule.clock() - started)
+        stall = self._schedule.clock() - started
+        self._schedule.save_cost(stall)
+        self._events.save_stalled(step, stall)
         return True
 
     def wait(self) -> None:
@@ -289,6 +307,7 @@ class CheckpointManager:
         checkpoints are intact.  A bug (unserializable state) must still stop the run, and so must a
         run directory deleted or replaced under us: no later save can succeed, and the path may now
         be another job's."""
+        self._events.save_failed(step, exc)
         if isinstance(exc, RunDirectoryReplacedError) or not (
                 isinstance(exc, StorageError) and self.config.on_save_error == "warn"):
             raise exc
@@ -302,6 +321,7 @@ class CheckpointManager:
         self._last_committed = manifest
         self._verified_step = max(manifest.step, self._verified_step or 0)
         self._stops.save_committed()
+        self._events.save_committed(manifest.step, manifest.total_bytes)
         log.info("saved checkpoint step %d (%d bytes) to %s", manifest.step, manifest.total_bytes,
                  self.storage.url)
         try:
@@ -321,22 +341,31 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         uploading = self._mirror.busy if self._mirror is not None else None
+        removed: list[str] = []
         for record in expired(scan(self.storage), self._policies):
             if step_name(record.step) == uploading or record.step == self._verified_step:
                 continue
             try:
                 self.storage.delete(step_name(record.step))
+                removed.append(step_name(record.step))
                 log.info("retention: deleted checkpoint step %d", record.step)
             except RunDirectoryReplacedError:
                 raise  # not ours to delete from any more: one error, not a warning per checkpoint
             except OSError as exc:  # a failed delete costs disk space, never the run
                 message = f"retention: could not delete checkpoint step {record.step}: {exc}"
                 warn(message, RuntimeWarning)
+        self._events.removed(removed)
 
     # -- listing and lifetime -----------------------------------------------------------------------
     def list(self, verify: bool = False) -> list[CheckpointRecord]:
         """Every checkpoint of the run directory, oldest first, with ``valid`` and ``problem`` set."""
         return scan(self.storage, verify=verify)
+
+    @property
+    def stats(self) -> SaveStats:
+        """The last committed save's figures (step, bytes, stall_s, commit_s, throughput_bps) and this
+        manager's totals (saves, failed_saves, total_stall_s): ``wandb.log(ckpt.stats.scalars())``."""
+        return self._events.stats
 
     def close(self) -> None:
         """Save the final step if configured and not yet saved, and wait for pending saves."""
@@ -351,6 +380,7 @@ class CheckpointManager:
                     # committed checkpoints are never overwritten, and there is nothing left to save.
                     log.info("close: step %d is already saved in %s", last, self.storage.url)
                 else:
+                    self._save_reason = "close"
                     self.save(last, self._last_metrics, wait=True)
         finally:
             self._closed = True
@@ -359,15 +389,16 @@ class CheckpointManager:
             finally:
                 self._release_lock()
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, error: BaseException | None = None) -> None:
         """Give back what the manager holds outside itself: the mirror (after its last upload), signal
-        handlers, the collective, the lock."""
+        handlers, the collective, the event log (its last event: close, with ``error``), the lock."""
         if self._mirror is not None:
             self._mirror.close(wait=True)
             if self._mirror.last_error is not None:
                 log.warning("mirror: the last upload to %s failed (%s); the local checkpoints are complete",
                             self._mirror.remote.url, self._mirror.last_error)
         self._stops.release()
+        self._events.close(self._last_step, error)
         if self._lock is not None:
             self._lock.release()
 
@@ -398,7 +429,7 @@ class CheckpointManager:
             except (OSError, UnbrokenError) as error:  # the exception already propagating matters more
                 log.warning("a background save failed while handling another error: %s", error)
             finally:
-                self._release_lock()
+                self._release_lock(exc)
 
 
 def _weak_call(method: Callable[[], None]) -> Callable[[str], None]:
