@@ -8,7 +8,7 @@ save; bytes per save and bytes kept in the run over time with retention's remova
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from unbroken.cli.report.model import RunHistory
 from unbroken.cli.report.svg import Chart, Marker, Series, esc, line_chart
@@ -73,7 +73,8 @@ def _sections(history: RunHistory, source: str, skipped_lines: int) -> Iterator[
 
 
 def _restart_markers(history: RunHistory) -> list[Marker]:
-    return [Marker(float(step), f"restart #{index + 1} from step {step}") for index, step in history.restarts]
+    return [Marker(float(step), f"session #{index + 1} resumed from step {step}", tag=f"#{index + 1}@{step}")
+            for index, step in history.restarts]
 
 
 def _metric_charts(history: RunHistory) -> Iterator[str]:
@@ -81,6 +82,10 @@ def _metric_charts(history: RunHistory) -> Iterator[str]:
         yield '<p class="empty">no metrics reported to step()</p>'
         return
     markers = _restart_markers(history)
+    if len(history.sessions) > 1:
+        keys = " ".join(f'<span class="key s{i % 8}">#{i + 1}</span>' for i in range(len(history.sessions)))
+        yield (f'<p class="legend">Each session\'s points in its own colour: {keys}; a dashed line #N@S: session N '
+               "resumed from step S (the steps after S that an earlier session reached are drawn again).</p>")
     for shown, (name, points) in enumerate(history.metrics.items()):
         if shown == MAX_METRIC_CHARTS:
             yield f'<p class="note">{len(history.metrics) - shown} more metric(s) not drawn; see --text.</p>'
@@ -89,8 +94,13 @@ def _metric_charts(history: RunHistory) -> Iterator[str]:
         for p in points:
             by_session.setdefault(p.session, []).append((float(p.step), p.value))
         # One series per session, coloured by session: the steps a restart replays show as two lines.
-        series = [Series(name, pts, css=session) for session, pts in by_session.items()]
+        series = [Series(name, pts, _metric_label(name, session), css=session) for session, pts in by_session.items()]
         yield line_chart(Chart(name, series, markers), "chart metric")
+
+
+def _metric_label(name: str, session: int) -> Callable[[float, float | None], str]:
+    return lambda x, y: f"{name} at step {x:.0f}: {'missing or not finite' if y is None else f'{y:.6g}'} " \
+                        f"(session #{session + 1})"
 
 
 def _save_charts(history: RunHistory) -> Iterator[str]:
@@ -104,15 +114,16 @@ def _save_charts(history: RunHistory) -> Iterator[str]:
     commit = Series("time to commit", [(float(s.step), s.commit_s) for s in history.saves if s.commit_s is not None],
                     lambda x, y: f"save at step {x:.0f}: committed after {_seconds(y)}", css=1)
     yield line_chart(Chart("Save stall and time to commit", [stall, commit], markers, y_format=_seconds,
-                           legend=True), "chart saves")
+                           legend=True, y_from_zero=True), "chart saves")
     size = Series("bytes", [(float(s.step), float(s.bytes)) for s in history.saves if s.bytes is not None],
                   lambda x, y: f"save at step {x:.0f}: {_bytes(y)}")
-    yield line_chart(Chart("Checkpoint size per save", [size], markers, y_format=_bytes), "chart sizes")
+    yield line_chart(Chart("Checkpoint size per save", [size], markers, y_format=_bytes, y_from_zero=True),
+                     "chart sizes")
     kept = Series("kept", [(t, float(b)) for t, b in history.kept_bytes()],
                   lambda x, y: f"{format_time(x)}: {_bytes(y)} kept", step_line=True)
     removals = [Marker(t, f"removed {name}", "removal") for t, name in history.removals]
     yield line_chart(Chart("Bytes kept in the run (saves add, retention and quarantine remove)", [kept], removals,
-                           x_format=_clock, y_format=_bytes, x_label="time"), "chart kept")
+                           x_format=_clock, y_format=_bytes, x_label="time", y_from_zero=True), "chart kept")
 
 
 def _sessions_table(history: RunHistory) -> str:

@@ -17,7 +17,7 @@ __all__ = ["MAX_POINTS", "Marker", "Series", "esc", "line_chart", "Scale", "thin
 
 MAX_POINTS = 1000
 WIDTH, HEIGHT = 760, 230
-LEFT, RIGHT, TOP, BOTTOM = 64, 16, 22, 34
+LEFT, RIGHT, TOP, BOTTOM = 64, 16, 30, 34
 
 Formatter = Callable[[float], str]
 
@@ -45,7 +45,10 @@ class Series:
 class Marker:
     x: float
     label: str
+    """The tooltip."""
     kind: str = "restart"
+    tag: str = ""
+    """Drawn above the line (short: neighbouring markers' tags are staggered on two rows)."""
 
 
 class Scale:
@@ -101,6 +104,7 @@ class Chart:
     y_format: Formatter = number
     x_label: str = "step"
     legend: bool = False
+    y_from_zero: bool = False
 
 
 def line_chart(chart: Chart, chart_class: str = "chart") -> str:
@@ -115,10 +119,12 @@ def line_chart(chart: Chart, chart_class: str = "chart") -> str:
     if not xs:
         return head + '<p class="empty">nothing recorded</p></figure>'
     sx = Scale(min(xs), max(xs), LEFT, WIDTH - RIGHT)
+    if chart.y_from_zero:
+        ys.append(0.0)
     sy = Scale(min(ys) if ys else 0.0, max(ys) if ys else 1.0, HEIGHT - BOTTOM, TOP)
     parts = [f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img">',
              _axes(sx, sy, chart)]
-    parts.extend(_marker(m, sx) for m in chart.markers)
+    parts.extend(_marker(m, i, sx) for i, m in enumerate(chart.markers))
     for index, (series, points) in enumerate(zip(chart.series, drawn, strict=True)):
         parts.append(_series(series, points, index, sx, sy))
     parts.append("</svg>")
@@ -150,11 +156,12 @@ def _axes(sx: Scale, sy: Scale, chart: Chart) -> str:
     return "".join(out)
 
 
-def _marker(marker: Marker, sx: Scale) -> str:
+def _marker(marker: Marker, index: int, sx: Scale) -> str:
     x = sx(marker.x)
+    tag_y = TOP - 8 - (index % 2) * 10
     return (f'<g class="marker {esc(marker.kind)}" data-x="{esc(number(marker.x))}">'
-            f'<line x1="{x:.1f}" y1="{TOP - 6}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM}"/>'
-            + (f'<text x="{x + 3:.1f}" y="{TOP - 8}">{esc(marker.label)}</text>' if marker.kind == "restart" else "")
+            f'<line x1="{x:.1f}" y1="{tag_y + 2}" x2="{x:.1f}" y2="{HEIGHT - BOTTOM}"/>'
+            + (f'<text x="{x + 2:.1f}" y="{tag_y}">{esc(marker.tag)}</text>' if marker.tag else "")
             + f'<title>{esc(marker.label)}</title></g>')
 
 

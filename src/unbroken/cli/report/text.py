@@ -32,14 +32,7 @@ def _lines(history: RunHistory, source: str, skipped_lines: int) -> Iterator[str
     for i, session in enumerate(history.sessions, start=1):
         yield from _session(i, session)
     yield from _saves(history)
-    for crash in history.crashes:
-        kind = "pre-empted (exit 75)" if crash.preempted else f"crash, exit status {_opt(crash.exit_status)}"
-        restart = f", restart {crash.restart}" if crash.restart is not None else ""
-        yield f"{format_time(crash.t)}  {kind}{restart}"
-    for t, name, reason in history.quarantines:
-        yield f"{format_time(t)}  quarantined {_clean(name)}: {_clean(reason)}"
-    for t, step, error in history.failed_saves:
-        yield f"{format_time(t)}  save of step {_opt(step)} FAILED: {_clean(error)}"
+    yield from _events(history)
     yield from _last_metrics(history)
 
 
@@ -59,8 +52,8 @@ def _session(number: int, s: Session) -> Iterator[str]:
 def _ending(s: Session) -> str:
     ending = s.ending
     if s.stop is not None:
-        signal = f" by {_clean(s.stop.signal)}" if s.stop.signal else ""
-        ending += f" ({_clean(s.stop.cause)}{signal} at step {_opt(s.stop.step)})"
+        cause = _clean(s.stop.signal) if s.stop.cause == "signal" and s.stop.signal else _clean(s.stop.cause)
+        ending += f" ({cause} at step {_opt(s.stop.step)})"
     elif s.crash is not None:
         ending += f" (exit status {_opt(s.crash.exit_status)})"
     return "ended: " + ending
@@ -87,6 +80,21 @@ def _saves(history: RunHistory) -> Iterator[str]:
     removed = len(history.removals)
     if removed:
         yield f"retention removed {_count(removed, 'checkpoint')}"
+
+
+def _events(history: RunHistory) -> Iterator[str]:
+    """Crashes, quarantines and failed saves, in the order they happened."""
+    events: list[tuple[float, str]] = []
+    for crash in history.crashes:
+        kind = "pre-empted (exit 75)" if crash.preempted else f"crash, exit status {_opt(crash.exit_status)}"
+        restart = f", restart {crash.restart}" if crash.restart is not None else ""
+        events.append((crash.t, f"{kind}{restart}"))
+    events += [(t, f"quarantined {_clean(name)}: {_clean(reason)}") for t, name, reason in history.quarantines]
+    events += [(t, f"save of step {_opt(step)} FAILED: {_clean(error)}") for t, step, error in history.failed_saves]
+    if events:
+        yield "events:"
+    for t, what in sorted(events, key=lambda e: e[0]):
+        yield f"  {format_time(t)}  {what}"
 
 
 def _last_metrics(history: RunHistory) -> Iterator[str]:
