@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from html.parser import HTMLParser
 from pathlib import Path
@@ -140,6 +141,15 @@ def test_a_torn_last_line_and_damaged_lines_are_skipped_not_fatal(tmp_path: Path
     (run / "events.jsonl").write_text("".join(lines))
     log = load_events(run)
     assert len(log.events) == len(events) and log.skipped_lines == 3
+
+
+def test_a_session_closed_by_an_error_says_so() -> None:
+    events = [_event(T0, "start", "s", host="h", pid=1),
+              _event(T0 + 1, "close", "s", step=3, error="RuntimeError: CUDA out of memory")]
+    history = build_history(events)
+    assert history.sessions[0].ending == "closed by an error"
+    assert "ended: closed by an error (RuntimeError: CUDA out of memory)" in render_text(history, "run")
+    assert "closed by an error: RuntimeError: CUDA out of memory" in render_html(history, "run")
 
 
 def test_events_of_wrong_types_and_unknown_kinds_are_ignored() -> None:
@@ -293,6 +303,17 @@ def test_a_missing_run_or_log_is_exit_2_naming_what_is_missing(tmp_path: Path) -
     run = write_log(tmp_path / "run", [])
     code, _, err = report(str(run), "--text", "-o", str(tmp_path / "x.html"))
     assert code == 2 and "drop one" in err
+
+
+def test_report_never_imports_torch(tmp_path: Path) -> None:
+    run = write_log(tmp_path / "run", crashed_twice_and_preempted())
+    code = ("import sys\nfrom unbroken.cli.main import main\n"
+            f"assert main(['report', {str(run)!r}, '--text']) == 0\n"
+            f"assert main(['report', {str(run)!r}, '-o', {str(tmp_path / 'r.html')!r}]) == 0\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "False"
 
 
 def test_the_page_goes_to_stdout_with_dash(tmp_path: Path) -> None:

@@ -34,15 +34,15 @@ svg{display:block;overflow:visible}.axis{stroke:#888}.grid{stroke:#eee}.tick{fon
 .key{font-weight:normal;margin-left:8px}
 .marker line{stroke:#c33;stroke-dasharray:4 3}.marker text{font-size:10px;fill:#c33}
 .marker.removal line{stroke:#999;stroke-dasharray:2 3}
-.bar{fill:#9c9}.bar.crashed{fill:#e99}.bar.pre-empted,.bar.stopped{fill:#fc8}.bar.no-end-recorded{fill:#ccc}
+.bar{fill:#9c9}.bar.crashed,.bar.closed-by-an-error{fill:#e99}.bar.pre-empted,.bar.stopped{fill:#fc8}.bar.no-end-recorded{fill:#ccc}
 .ev.save{stroke:#363;stroke-width:1}.ev.restore{fill:#36c}.ev.crash{fill:#c00}.ev.preempted,.ev.stop{fill:#e80}
 .legend span{margin-right:14px;font-size:12px}.legend i{display:inline-block;width:10px;height:10px;margin-right:4px}
 table{border-collapse:collapse;font-size:12px}
 td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
 """
 
-_LEGEND_KEYS = (("#9c9", "closed"), ("#e99", "crashed"), ("#fc8", "pre-empted or stopped"), ("#ccc", "no end recorded"),
-                ("#36c", "restore"), ("#c00", "crash"), ("#e80", "stop"), ("#363", "save"))
+_LEGEND_KEYS = (("#9c9", "closed"), ("#e99", "crashed or closed by an error"), ("#fc8", "pre-empted or stopped"),
+                ("#ccc", "no end recorded"), ("#36c", "restore"), ("#c00", "crash"), ("#e80", "stop"), ("#363", "save"))
 _LEGEND = ('<p class="legend">'
            + "".join(f'<span><i style="background:{c}"></i>{what}</span>' for c, what in _LEGEND_KEYS) + "</p>")
 
@@ -147,6 +147,8 @@ def _events_table(history: RunHistory) -> str:
                 events.append((s.restore.t, f"restore skipped {name}: {reason}"))
         if s.stop is not None:
             events.append((s.stop.t, f"stop at step {s.stop.step}: {s.stop.cause} {s.stop.signal or ''}"))
+        if s.close_error:
+            events.append((s.end_t, f"closed by an error: {s.close_error}"))
     events += [(c.t, "pre-empted (exit 75)" if c.preempted else f"crash: exit status {c.exit_status}, restart "
                 f"{c.restart}") for c in history.crashes]
     events += [(t, f"retention removed {name}") for t, name in history.removals]

@@ -83,20 +83,24 @@ class Session:
     first_step: int | None = None
     last_step: int | None = None
     closed: bool = False
+    close_error: str | None = None
+    """The error that closed the manager (its ``close`` event's ``error``)."""
     stop: Stop | None = None
     crash: Crash | None = None
 
     @property
     def ending(self) -> str:
-        """How the session ended: "closed", "pre-empted", "stopped", "crashed", or "no end recorded"
-        (still running, or killed without ``unbroken run`` watching)."""
+        """How the session ended: "closed", "closed by an error", "pre-empted", "stopped", "crashed", or
+        "no end recorded" (still running, or killed without ``unbroken run`` watching)."""
         if self.crash is not None and self.crash.preempted or self.stop is not None and self.stop.cause == "signal":
             return "pre-empted"
         if self.stop is not None:
             return "stopped"
         if self.crash is not None:
             return "crashed"
-        return "closed" if self.closed else "no end recorded"
+        if self.closed:
+            return "closed by an error" if self.close_error else "closed"
+        return "no end recorded"
 
 
 @dataclass
@@ -209,6 +213,7 @@ def _apply(history: RunHistory, session: Session, index: int, kind: str, event: 
         session.stop = Stop(t=t, step=step, cause=_str(event.get("cause")) or "?", signal=_str(event.get("signal")))
     elif kind == "close":
         session.closed = True
+        session.close_error = _str(event.get("error"))
     elif kind == "metrics" and step is not None:
         values = event.get("values")
         for name, value in (values.items() if isinstance(values, Mapping) else ()):

@@ -56,6 +56,8 @@ def _ending(s: Session) -> str:
         ending += f" ({cause} at step {_opt(s.stop.step)})"
     elif s.crash is not None:
         ending += f" (exit status {_opt(s.crash.exit_status)})"
+    elif s.close_error:
+        ending += f" ({_clean(s.close_error)})"
     return "ended: " + ending
 
 
