@@ -57,9 +57,9 @@ def _export(args: argparse.Namespace) -> int:
     if isinstance(size, str) and size.strip().isdigit():
         size = int(size)
     try:
-        options = storage_options(args)
+        options = storage_options(args, flag="--storage-option")
     except ValueError as exc:
-        print(f"unbroken export: error: {str(exc).replace('-o ', '--storage-option ', 1)}", file=sys.stderr)
+        print(f"unbroken export: error: {exc}", file=sys.stderr)
         return 2
     try:
         with ProgressBars(enabled=not args.no_progress) as bars:

@@ -45,9 +45,9 @@ def add_import(sub: Any) -> None:
 
 def _import(args: argparse.Namespace) -> int:
     try:
-        options = storage_options(args)
-    except ValueError as exc:  # its message names the flag the other commands have
-        print(f"unbroken import: error: {str(exc).replace('-o ', '--storage-option ', 1)}", file=sys.stderr)
+        options = storage_options(args, flag="--storage-option")
+    except ValueError as exc:
+        print(f"unbroken import: error: {exc}", file=sys.stderr)
         return 2
     with ProgressBars(enabled=not args.no_progress) as bars:
         record = unbroken.import_checkpoint(args.sources, args.run_dir, step=args.step, storage_options=options,

@@ -25,13 +25,15 @@ def add_storage_option(parser: argparse.ArgumentParser) -> None:
                              "Credentials come from the usual places (AWS_* variables, ~/.aws)")
 
 
-def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``-o`` options as a nested dict (``a.b=1`` -> ``{"a": {"b": 1}}``); None when there are none."""
+def storage_options(args: argparse.Namespace, flag: str = "-o") -> dict[str, Any] | None:
+    """The storage options as a nested dict (``a.b=1`` -> ``{"a": {"b": 1}}``); None when there are none.
+    ``flag`` is the command's spelling of the option, named in errors (``--storage-option`` where
+    ``-o`` is the output)."""
     options: dict[str, Any] = {}
     for item in getattr(args, "option", []) or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"-o {item!r}: expected KEY=VALUE")
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
             value: Any = json.loads(text)
         except ValueError:
@@ -41,7 +43,7 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"-o {item!r}: {part!r} is already a value, not a group")
+                raise ValueError(f"{flag} {item!r}: {part!r} is already a value, not a group")
         node[leaf] = value
     return options or None
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..checkpoint.listing import CheckpointRecord, check_named_step, scan, with_newest_verified
+from ..checkpoint.target import no_step
 from ..checkpoint.transfer import CopyResult, copy_checkpoint
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, is_damage
+from ..errors import CorruptCheckpointError, is_damage
 from ..io import verify_checkpoint
 from ..storage import LocalStorage, Storage, is_url, step_name
 from ..storage.base import parse_quarantine_name
@@ -159,8 +160,7 @@ def _to_copy(source: Storage, step: int | None, latest: bool) -> list[Checkpoint
             raise CorruptCheckpointError(f"{source.url}: step {step} is not valid, not copied: {record.problem}")
     chosen = [r for r in valid if r.step == step]
     if not chosen:
-        there = ", ".join(str(r.step) for r in records) or "none"
-        raise CheckpointNotFoundError(f"{source.url}: no step {step} (steps there: {there})")
+        raise no_step(source.url, step, [r.step for r in records])
     return chosen
 
 
