@@ -29,6 +29,7 @@ from ..format import Manifest
 from ..state import capture, check_state_keys
 from ..storage import LocalStorage, Storage, open_storage, step_name
 from ..storage.paths import split_checkpoint_path
+from .check_hooks import CheckHooks, run_directory
 from .events import EventLog, SaveStats
 from .mirror import Mirror
 from .options import ManagerOptions, takes_options
@@ -77,7 +78,7 @@ class CheckpointManager:
         check_state_keys(state)
         self.state = state
         # storage_options (credentials, endpoints) go to fsspec only: never into the config, a log or a checkpoint.
-        self.storage: Storage = open_run_directory(directory, storage_options)
+        self.storage: Storage = open_run_directory(run_directory(directory), storage_options)
         self._mirror: Mirror | None = None
         self._retention_lock = threading.Lock()
         # Under torch.distributed (world size > 1) every rank saves its part of one checkpoint and rank 0
@@ -96,6 +97,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
         self._gradients = GradientCheck()
+        self._check = CheckHooks.from_environment()  # unbroken check: UNBROKEN_KILL_AT, UNBROKEN_CHECK_LOG
         self._saved_steps: set[int] = set()
         self._last_committed: Manifest | None = None
         # The newest checkpoint known good in this process (restored from this run, or committed by this
@@ -169,6 +171,8 @@ class CheckpointManager:
         """Account for a restore that began at ``started`` (on the schedule's clock) and log it, with
         the size of the checkpoint and the time it took: a long restore is otherwise silent."""
         self._events.restored(manifest, self._schedule.clock() - started, from_this_run)
+        if self._check is not None:
+            self._check.restored(manifest.step if manifest is not None else 0)
         if manifest is None:
             log.info("no checkpoint in %s: starting from step 0", self.storage.url)
             return 0
@@ -189,6 +193,16 @@ class CheckpointManager:
     def step(self, step: int, metrics: dict[str, Any] | None = None) -> bool:
         """Report that ``step`` steps are complete; saves when the schedule says so.  True if a save
         was started (with ``async_save`` it is still being written when this returns)."""
+        if self._check is None:
+            return self._step(step, metrics)
+        self._check.before_step(step)
+        started = self._step(step, metrics)
+        if self._check.after_step(step, self._last_metrics, lambda: bool(getattr(self._saver, "busy", False))):
+            self.close()  # UNBROKEN_CHECK_STEPS: the run ends here, with this step saved
+            raise SystemExit(0)
+        return started
+
+    def _step(self, step: int, metrics: dict[str, Any] | None) -> bool:
         self._check_open()
         self._surface_errors(block=False)
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -270,6 +284,8 @@ class CheckpointManager:
         self._stops.save_started()
         self._events.save_started(step, reason, self.config.async_save)
         self._gradients.at_save(step)  # a save between gradient-accumulation micro-steps: warned once
+        if self._check is not None:
+            self._check.saving(step)
         with paused_gc():
             snap = capture(self.state, rng=self.config.capture_rng)
             manifest = build_manifest(snap, step, metrics, self.config.metadata)
