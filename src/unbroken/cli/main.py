@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import unbroken
+from unbroken.cli.check_command import add_check
 from unbroken.cli.diff_command import add_diff
 from unbroken.cli.export_command import add_export
 from unbroken.cli.import_command import add_import
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     add_export(sub)
     add_import(sub)
     add_diff(sub)
+    add_check(sub)
     add_report(sub)
     _add_run(sub)
     return parser
