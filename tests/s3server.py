@@ -8,6 +8,7 @@ in those options, so no environment variable or global setting leaks into other 
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -62,6 +63,12 @@ class S3Server:
         return {"key": KEY_ID, "secret": SECRET, "skip_instance_cache": True,
                 "client_kwargs": {"endpoint_url": self.endpoint, "region_name": REGION},
                 "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+
+
+    def environment(self) -> dict[str, str]:
+        """The environment that points every s3:// URL of a subprocess (a rank of a torch.distributed
+        job) at this server: fsspec reads default options for a protocol from ``FSSPEC_<PROTOCOL>``."""
+        return {"FSSPEC_S3": json.dumps(self.options())}
 
 
 class S3Run(NamedTuple):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -185,10 +186,25 @@ def test_a_joined_staging_area_is_committed_only_by_its_creator(tmp_path: Path) 
         storage.join("step_000000001", "0123456789ab")
 
 
-def test_object_storage_says_it_cannot_share_a_staging_area() -> None:
+def test_ranks_share_a_step_on_object_storage_and_only_its_beginner_commits() -> None:
     pytest.importorskip("fsspec")
-    with pytest.raises(NotImplementedError, match="shared local filesystem"):
-        FsspecStorage("memory://unbroken-join-test").join("step_000000001", "0123456789ab")
+    storage = FsspecStorage(f"memory://unbroken-join-{uuid.uuid4().hex[:8]}")
+    assert storage.shares_staging
+    staging = storage.begin("step_000000001")
+    joined = storage.join("step_000000001", staging.token)
+    for area, file in ((staging, "rank00000.safetensors"), (joined, "rank00001.safetensors")):
+        handle = area.create(file)
+        handle.write(memoryview(b"x"))
+        handle.close()
+    with pytest.raises(RuntimeError, match="committed by the process that began it"):
+        joined.commit(b"{}")
+    joined.abort()  # removes only the joiner's object
+    assert sorted(storage._objects(storage.path("step_000000001"))) == [
+        storage.path("step_000000001", "rank00000.safetensors")]
+    staging.abort()
+    assert storage.names() == []
+    with pytest.raises(ValueError, match="invalid staging token"):
+        storage.join("step_000000001", "../../etc")
 
 
 @pytest.mark.parametrize("saved_world, world, consumed", [(2, 3, 3), (4, 2, 2), (3, 1, 5), (1, 4, 8), (2, 2, 4)])

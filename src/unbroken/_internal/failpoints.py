@@ -23,7 +23,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-__all__ = ["POINTS", "ACTIONS", "hit", "arm", "FailpointSpec", "parse_spec"]
+__all__ = ["POINTS", "OBJECT_POINTS", "ACTIONS", "hit", "arm", "FailpointSpec", "parse_spec"]
 
 ENV_SPEC = "UNBROKEN_FAILPOINT"
 ENV_TRACE = "UNBROKEN_FAILPOINT_TRACE"
@@ -39,6 +39,12 @@ POINTS = (
     "commit.fsync",       # the run directory is about to be fsynced after the commit rename
     "delete.rename",      # retention: a checkpoint is about to be renamed to the trash
     "delete.remove",      # retention: a trashed checkpoint is about to be removed
+)
+# Points of uploads to object storage (FsspecStorage).  Kept apart from POINTS, which lists the phases
+# of a local save (tests/manager/test_kill_sweep.py requires a local save to pass every one of them).
+OBJECT_POINTS = (
+    "object.part",        # bytes of a data object were just handed to its multipart upload (a part sent)
+    "object.put",         # a data object is about to be uploaded whole, or its multipart upload completed
 )
 ACTIONS = ("kill", "enospc", "eio")
 _ERRNO = {"enospc": errno.ENOSPC, "eio": errno.EIO}
@@ -57,8 +63,9 @@ def parse_spec(text: str) -> FailpointSpec:
     if len(parts) != 3:
         raise ValueError(f"{ENV_SPEC}={text!r}: expected '<point>:<n>:<action>', e.g. 'file.fsync:1:eio'")
     point, count, action = parts
-    if point != "*" and point not in POINTS:
-        raise ValueError(f"{ENV_SPEC}={text!r}: unknown point {point!r}; use '*' or one of {', '.join(POINTS)}")
+    if point != "*" and point not in POINTS + OBJECT_POINTS:
+        raise ValueError(f"{ENV_SPEC}={text!r}: unknown point {point!r}; use '*' or one of "
+                         f"{', '.join(POINTS + OBJECT_POINTS)}")
     if not count.isdigit() or int(count) < 1:
         raise ValueError(f"{ENV_SPEC}={text!r}: the count must be a positive integer, got {count!r}")
     if action not in ACTIONS:

@@ -11,6 +11,22 @@ Commit protocol (docs/OBJECT_STORAGE.md):
 Deletion removes the manifest first, so a half-deleted checkpoint never looks committed.
 ``exists`` means committed (a manifest is present); ``names`` also lists uncommitted step directories.
 fsspec and its store packages are imported lazily: the rest of unbroken works without them.
+
+Several ranks save one step (``shares_staging``): rank 0 begins it, the others :meth:`~FsspecStorage.join`
+it with rank 0's token and upload their own ``rankNNNNN.safetensors``; each checks its upload (a HEAD:
+the object exists with exactly the bytes sent) before it reports; rank 0 creates the manifest once
+every rank reported (unbroken.distributed.commit).  A failed save's objects are removed by the rank
+that wrote them; a dead rank's are removed by :meth:`~FsspecStorage.cleanup` after the grace period.
+
+Key layout: ``<run>/step_N/<file>``, the checkpoint layout of FORMAT.md everywhere (local, bucket,
+``unbroken cp``, ``aws s3 sync``), so one save writes N objects (plus their parts) under one prefix.
+S3 serves about 3,500 writes/s per partitioned prefix and splits a busy prefix by key range; the rank
+files differ right after ``step_N/rank``, so a save's writes can be split between partitions, but
+step numbers only grow, so each new save starts in the newest partition again.  Up to about a thousand
+ranks at 64 MiB parts (a few thousand requests spread over the upload time) that is within one
+prefix's rate; beyond, larger ``block_size`` (fewer parts) is the knob, and botocore retries the 503
+SlowDown replies of a throttled prefix.  A layout with a spreading component before the step
+(``<run>/<hash>/step_N/...``) would need a format change and is not done (docs/DISTRIBUTED.md "At scale").
 """
 
 from __future__ import annotations
@@ -130,8 +146,11 @@ class FsspecStorage(Storage):
     ``cleanup_grace_s``: an uncommitted step directory younger than this is left alone by
     :meth:`cleanup` (it may be another process's save in progress).  ``upload_attempts``: how often a
     whole-object PUT is tried, with exponential backoff from ``retry_backoff_s``, on transient errors
-    (on top of the store client's own per-request retries).
+    (on top of the store client's own per-request retries).  ``fetch_requests`` and ``fetched_bytes``
+    count the ranged GETs of reads (a rank's restore: what it took from the store).
     """
+
+    shares_staging = True  # the ranks of a job upload their objects into one step, rank 0 commits
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, create: bool = True,
                  block_size: int = DEFAULT_BLOCK_SIZE, cleanup_grace_s: float = 3600.0,
@@ -145,6 +164,7 @@ class FsspecStorage(Storage):
         self.block_size, self.cleanup_grace_s = block_size, cleanup_grace_s
         self.upload_attempts, self.retry_backoff_s = upload_attempts, retry_backoff_s
         self.clock: Callable[[], float] = time.time  # compared with the store's timestamps by cleanup()
+        self.fetch_requests, self.fetched_bytes = 0, 0
         # Listings must never come from a cache: commit and cleanup decide on what exists right now.
         self.fs, root = _filesystem(str(url), {"use_listings_cache": False, **self._options})
         self.root = root.rstrip("/")
@@ -280,6 +300,23 @@ class FsspecStorage(Storage):
                             self.upload_attempts)
                 time.sleep(delay)
 
+    def check_uploaded(self, path: str, size: int, where: str) -> None:
+        """Raise unless the object at ``path`` exists with exactly ``size`` bytes (one HEAD).
+
+        What an upload's success means here: the store acknowledged it (botocore sends a checksum of
+        each PUT and part body, which S3 checks), and the object under its name is complete.  The ETag
+        is no checksum of the content for multipart uploads, so it is not compared; the content is
+        covered by the header and tensor CRC32Cs the writer computed, which go into the manifest and
+        are checked on every read."""
+        def missing() -> StorageError:
+            return StorageError(errno.EIO, f"{where}: the store acknowledged the upload but has no such object. "
+                                "Fix: check the store's consistency and retry the save")
+        with self.failures("check the upload of", where, missing=missing):
+            found = self.fs.info(path).get("size")
+        if found != size:
+            raise StorageError(errno.EIO, f"{where}: the store holds {found} bytes after the upload, but {size} "
+                               "were sent. Fix: check the store (or a proxy in between) and retry the save")
+
     def _has_create_mode(self) -> bool:
         """Whether this filesystem's ``pipe_file`` takes ``mode="create"`` (recent fsspec and s3fs releases)."""
         try:
@@ -315,6 +352,11 @@ class FsspecStorage(Storage):
         if self.exists(name):
             raise CheckpointExistsError(f"{self.where(name)} is committed; a committed checkpoint is never overwritten")
         return FsspecStaging(self, name)
+
+    def join(self, name: str, token: str) -> Staging:
+        """Step ``name`` that another process began (its staging ``token``), to upload objects into."""
+        self.path(name)  # a plain name, or CorruptCheckpointError
+        return FsspecStaging(self, name, token)
 
     def open(self, name: str, file_name: str) -> ReadHandle:
         path, where = self.path(name, file_name), self.where(name, file_name)

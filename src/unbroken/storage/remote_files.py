@@ -1,15 +1,24 @@
 """Objects of one step on an object store: uploads, ranged reads, and the staging that commits them.
 
 A data object is never visible half-written: a small one is one PUT, a large one a multipart upload
-that becomes visible only when completed, and is aborted (parts dropped) when the save fails.  The
-step counts as committed once its manifest exists; the manifest is created last, conditionally.
+that becomes visible only when completed, and is aborted (parts dropped) when the save fails.  Once
+uploaded, an object is looked up (one HEAD) and must hold exactly the bytes sent.  The step counts as
+committed once its manifest exists; the manifest is created last, conditionally.
+
+Several processes (the ranks of one job) write one step together: the process that began it hands
+its ``token`` to the others, which :meth:`FsspecStorage.join` it and upload their own objects into
+the same step prefix; only the beginner commits.  An object store has no staging directory to
+rename, so the "staging area" is the step prefix itself, invisible to readers until the manifest.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from typing import TYPE_CHECKING, Any
 
+from .._internal import failpoints
 from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 from .base import MANIFEST_FILE, ReadHandle, Staging, WriteHandle
 
@@ -24,6 +33,12 @@ MANIFEST = MANIFEST_FILE
 MiB = 1024 * 1024
 READ_CHUNK = 16 * MiB  # one ranged GET; a large read has READ_PARALLEL of them in flight
 READ_PARALLEL = 8
+# Reads that go on where the previous one ended get a read-ahead window that starts here (the first
+# read of an object, its length prefix, gets this much: the header follows) and doubles up to
+# READ_CHUNK: a reader going front to back costs few GETs.  A read elsewhere fetches exactly its
+# bytes: a rank reading scattered ranges (its piece of each tensor) takes no more than those.
+READ_AHEAD = 64 * 1024
+_TOKEN = re.compile(r"^[0-9a-f]{12}\Z")
 
 
 def _byte_view(data: memoryview) -> memoryview:
@@ -35,6 +50,8 @@ def read_range(storage: FsspecStorage, path: str, start: int, end: int, where: s
     starts = list(range(start, end, READ_CHUNK))
     ends = [min(s + READ_CHUNK, end) for s in starts]
     missing = lambda: CorruptCheckpointError(f"{where}: object is missing")  # noqa: E731
+    storage.fetch_requests += len(starts)
+    storage.fetched_bytes += end - start
     with storage.failures("read", where, missing=missing):
         if len(starts) == 1:
             return [storage.fs.cat_file(path, start=start, end=end)]
@@ -62,6 +79,7 @@ class FsspecWriteHandle(WriteHandle):
         self._pending = bytearray()
         self._file: Any = None
         self._finished = False
+        self._sent = 0  # bytes handed to write(): the size the object must have once uploaded
 
     @property
     def finished(self) -> bool:
@@ -72,6 +90,7 @@ class FsspecWriteHandle(WriteHandle):
         if self._finished:
             raise StorageError(f"{self.where}: write after close")
         view = _byte_view(data)
+        self._sent += len(view)
         if self._file is None and len(self._pending) + len(view) < self._storage.block_size:
             self._pending += view
             return
@@ -84,19 +103,24 @@ class FsspecWriteHandle(WriteHandle):
 
     def _stream(self, view: memoryview) -> None:
         step = self._storage.block_size  # slices bound the writer's buffer to about one part
-        with self._storage.failures("upload", self.where):
-            for start in range(0, len(view), step):
+        for start in range(0, len(view), step):
+            before = self._file.tell()
+            with self._storage.failures("upload", self.where):
                 self._file.write(view[start:start + step])
+            if self._file.tell() // step > before // step:  # the writer flushed: a part was sent
+                failpoints.hit("object.part")
 
     def close(self) -> None:
         if self._finished:
             raise StorageError(f"{self.where}: closed twice")
+        failpoints.hit("object.put")
         if self._file is None:
             self._storage.put_whole(self.path, bytes(self._pending), self.where)
         else:
             with self._storage.failures("complete the upload of", self.where):
                 self._file.close()
         self._finished, self._pending, self._file = True, bytearray(), None
+        self._storage.check_uploaded(self.path, self._sent, self.where)
 
     def abort(self) -> None:
         """Discard an unfinished upload: an S3 multipart upload is aborted, so no part is kept."""
@@ -128,9 +152,12 @@ def _never_commit(file: Any) -> None:
 
 
 class FsspecReadHandle(ReadHandle):
-    """Ranged reads of one object.  A read smaller than ``READ_CHUNK`` fetches ``READ_CHUNK`` bytes
-    from its offset and serves the following reads from them: the reader goes front to back (length
-    prefix, header, small tensors), and every GET costs a round trip."""
+    """Ranged reads of one object.  A read that goes on where the previous one ended fetches a
+    read-ahead window and serves the following reads from it: a reader going front to back (length
+    prefix, header, small tensors) saves a round trip per read.  The window starts at ``READ_AHEAD``
+    and doubles up to ``READ_CHUNK`` while reads stay sequential; a read elsewhere fetches exactly
+    its own bytes, so a rank that reads only its ranges of a large object fetches only those (and
+    the first ``READ_AHEAD`` bytes, for the length prefix and header)."""
 
     def __init__(self, storage: FsspecStorage, path: str, where: str) -> None:
         self._storage, self.path, self.where = storage, path, where
@@ -141,6 +168,8 @@ class FsspecReadHandle(ReadHandle):
         self.size = int(info["size"])
         self._window: bytes | bytearray = b""
         self._window_at = 0
+        self._ahead = READ_AHEAD // 2  # doubled by the first read, at 0: "sequential" from the start
+        self._next = 0  # where the previous read ended: a read starting there goes on sequentially
 
     def read_into(self, offset: int, buffer: memoryview) -> None:
         view = _byte_view(buffer)
@@ -148,11 +177,15 @@ class FsspecReadHandle(ReadHandle):
         if offset < 0 or end > self.size:
             at = min(max(offset, 0), self.size)
             raise CorruptCheckpointError(f"{self.where}: truncated (short read at byte {at})")
-        if len(view) >= READ_CHUNK:
-            self._fetch(offset, view)
+        if not len(view):
             return
+        sequential, self._next = offset == self._next, end
         if not self._window_at <= offset or end > self._window_at + len(self._window):
-            window = bytearray(min(self.size, offset + READ_CHUNK) - offset)
+            self._ahead = min(2 * self._ahead, READ_CHUNK) if sequential else READ_AHEAD // 2
+            if not sequential or len(view) >= self._ahead:
+                self._fetch(offset, view)
+                return
+            window = bytearray(min(self.size, offset + self._ahead) - offset)
             self._window, self._window_at = b"", offset  # never half-filled: a failed fetch leaves none
             self._fetch(offset, memoryview(window))
             self._window = window
@@ -175,10 +208,20 @@ class FsspecReadHandle(ReadHandle):
 
 class FsspecStaging(Staging):
     """Step ``name`` being written in place: its objects go straight to their final names, and it
-    counts as committed only once :meth:`commit` has created the manifest."""
+    counts as committed only once :meth:`commit` has created the manifest.
 
-    def __init__(self, storage: FsspecStorage, name: str) -> None:
+    With ``token`` it is a step another process began (:meth:`FsspecStorage.join`): this process
+    uploads its own objects there and never commits; its :meth:`abort` removes only those objects.
+    Nothing marks a begun step in the store (no request until the first object), so the token names
+    the save in messages and binds the joiners to the coordinator's step, but proves nothing to them.
+    """
+
+    def __init__(self, storage: FsspecStorage, name: str, token: str | None = None) -> None:
         self._storage, self.name = storage, name
+        self.joined = token is not None
+        self.token = uuid.uuid4().hex[:12] if token is None else token
+        if not _TOKEN.match(self.token):
+            raise ValueError(f"invalid staging token {self.token!r}")
         self._written: list[str] = []
         self._handles: list[FsspecWriteHandle] = []
         self._committed = False
@@ -187,7 +230,10 @@ class FsspecStaging(Staging):
         if file_name == MANIFEST:
             raise ValueError(f"{MANIFEST} is written by commit(), never as a data object")
         path = self._storage.path(self.name, file_name)
-        if self._storage.exists(self.name):  # a writer that committed since begin(): never write into it
+        # A writer that committed since begin(): never write into it.  A joiner skips the HEAD: the
+        # beginner checked at begin() and checks again before its conditional create, and N ranks
+        # asking for one key at once is what a store throttles.
+        if not self.joined and self._storage.exists(self.name):
             raise CheckpointExistsError(f"{self._storage.where(self.name)} was committed meanwhile; not overwritten")
         self._written.append(path)  # before any byte is sent: abort() must know every object it may leave
         handle = FsspecWriteHandle(self._storage, path, self._storage.where(self.name, file_name))
@@ -195,6 +241,8 @@ class FsspecStaging(Staging):
         return handle
 
     def commit(self, manifest: bytes) -> None:
+        if self.joined:
+            raise RuntimeError("a joined staging area is committed by the process that began it")
         storage, where = self._storage, self._storage.where(self.name, MANIFEST)
         if any(not h.finished for h in self._handles):
             raise StorageError(f"{storage.where(self.name)}: commit with an upload still open; close every file first")
