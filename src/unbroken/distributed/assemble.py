@@ -56,6 +56,8 @@ def assemble(base: Manifest, plan: RankPlan, reports: list[dict[str, Any]]) -> M
     tensors: dict[str, TensorEntry] = {}
     for report in reports:
         file = report["file"]
+        if file["name"] in files:
+            raise refused(f"internal error: two ranks reported the file {file['name']!r}")
         files[file["name"]] = FileEntry(file["size"], file["header_crc32c"])
         for name, (dtype, shape, begin, end, crc, block_bytes, blocks) in report["tensors"].items():
             if name in tensors:

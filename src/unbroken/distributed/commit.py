@@ -1,19 +1,25 @@
 """The commit protocol of one checkpoint saved by several ranks (docs/RELIABILITY.md).
 
 1. rank 0 begins the staging area and broadcasts its token (or its failure to begin one);
-2. every other rank joins that area; every rank writes and fsyncs its own file, catching its own
+2. every other rank joins that area; every rank writes and fsyncs its own file (on object storage:
+   uploads it and checks with a HEAD that the object holds exactly the bytes sent), catching its own
    failure;
 3. every rank's report (its file and tensor entries, or its error) is gathered on rank 0;
 4. rank 0 commits only when every rank succeeded and the reports fit together (the manifest last,
-   then the atomic rename and the parent fsync of docs/RELIABILITY.md); otherwise it removes the
-   staging area;
+   then the atomic rename and the parent fsync of docs/RELIABILITY.md; on object storage the
+   manifest's conditional create is the commit); otherwise it removes the staging area (on object
+   storage: its own objects; each other rank removes its own in step 5);
 5. rank 0 broadcasts the outcome: every rank returns once the checkpoint is committed, or raises
    the same error naming the failing rank.
 
 Every rank issues the same collectives whatever fails locally, so a local failure never
 desynchronises the group.  A rank that dies or hangs makes the others' collectives fail within the
 group's timeout (:class:`~unbroken.DistributedError`); rank 0 then removes
-the staging area, and whatever is left behind by a dead rank 0 is cleaned by the next restore.
+the staging area, and whatever is left behind by a dead rank 0 is cleaned by the next restore (on
+object storage every surviving rank removes its own objects, and what a dead rank uploaded, or its
+unfinished multipart upload, is removed by ``Storage.cleanup`` once the grace period has passed).
+Rank 0 verifies no object itself: each rank checked its own upload, so the commit costs rank 0 no
+request per rank.
 """
 
 from __future__ import annotations
