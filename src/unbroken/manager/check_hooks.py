@@ -110,6 +110,7 @@ class CheckHooks:
         self._save_starts: list[int] = []  # the point count at each save's start
         self._seed_patches: list[tuple[Any, str, Any]] = []
         self._restored_step = 0
+        self._inside_seeding = False
         if kill_at is not None:
             self._points = _PointCounter(failpoints._ARMED, self._killed_in_save)
             failpoints._ARMED = self._points
@@ -188,16 +189,25 @@ class CheckHooks:
 
     def _seeding(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def seeding(*args: Any, **kwargs: Any) -> Any:
-            frame = sys._getframe(1)
-            while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in (
-                    "torch", "numpy", "random"):
-                frame = frame.f_back
-            arguments = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-            where = f"{_shown_path(frame.f_code.co_filename)}:{frame.f_lineno} ({frame.f_code.co_name})"
-            self._record({"event": "seed", "call": f"{name}({arguments})", "after_restore": self._restored_step,
-                          "where": where})
-            return original(*args, **kwargs)
+            if self._inside_seeding:  # torch.manual_seed seeds CUDA through torch.cuda.manual_seed_all: one call
+                return original(*args, **kwargs)
+            self._inside_seeding = True
+            try:
+                self._record_seeding(name, args, kwargs)
+                return original(*args, **kwargs)
+            finally:
+                self._inside_seeding = False
         return seeding
+
+    def _record_seeding(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        frame = sys._getframe(2)
+        while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in (
+                "torch", "numpy", "random"):
+            frame = frame.f_back
+        arguments = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        where = f"{_shown_path(frame.f_code.co_filename)}:{frame.f_lineno} ({frame.f_code.co_name})"
+        self._record({"event": "seed", "call": f"{name}({arguments})", "after_restore": self._restored_step,
+                      "where": where})
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.log_path is None:
