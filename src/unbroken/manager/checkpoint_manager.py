@@ -64,6 +64,9 @@ class CheckpointManager:
         """Open (or create) the run directory and manage the checkpoints of ``state``.
 
         directory: a local path or an fsspec URL (``s3://bucket/run``).
+            ``UNBROKEN_RUN_DIR`` in the environment replaces it (``unbroken check``; with
+            ``UNBROKEN_KILL_AT``, ``UNBROKEN_CHECK_LOG``, ``UNBROKEN_CHECK_STEPS``: see
+            :mod:`unbroken.manager.check_hooks`).
         state: names -> objects with ``state_dict()``/``load_state_dict()``, or plain JSON-able values.
         storage_options: fsspec options (credentials, endpoint) for a URL ``directory``; never stored.
         mirror_options: the same for ``mirror_to``.
