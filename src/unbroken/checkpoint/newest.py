@@ -32,7 +32,8 @@ OnCorrupt = Callable[[str, CorruptCheckpointError], bool]
 
 
 def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bool, rng: bool,
-                   on_corrupt: OnCorrupt | None = None, only: bool = False) -> Manifest | None:
+                   on_corrupt: OnCorrupt | None = None, only: bool = False,
+                   on_skip: Callable[[str, Exception], object] | None = None) -> Manifest | None:
     """Restore the newest valid checkpoint; ``None`` when there is none.
 
     Any failure to read a checkpoint skips it with a :class:`CheckpointSkippedWarning` and tries the
@@ -40,7 +41,8 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
     (an I/O error, a failed allocation).  A checkpoint that does not fit the live objects raises,
     because an older one would not fit either.  Unless every failure was corruption, failing to
     restore any checkpoint raises the first error instead of returning None: a run must never start
-    from step 0 because its checkpoints could not be read just now.
+    from step 0 because its checkpoints could not be read just now.  ``on_skip(name, error)`` is told
+    of each skipped checkpoint (the run's event log).
     """
     partial: PartialRestoreError | None = None
     unreadable: Exception | None = None
@@ -54,17 +56,17 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
             except CorruptCheckpointError as exc:
                 if isinstance(exc, PartialRestoreError):
                     partial = exc  # an older checkpoint overwrites every entry again; a fresh start would not
-                _skipped(storage, name, exc)
+                _skipped(storage, name, exc, on_skip)
                 if not is_damage(exc) or on_corrupt is None or not on_corrupt(name, exc):
                     break
                 if attempt == 0:
                     log.info("retrying %s/%s with the copy put in its place", storage.url, name)
             except CheckpointNotFoundError as exc:  # deleted since the listing (another process's retention)
-                _skipped(storage, name, exc)
+                _skipped(storage, name, exc, on_skip)
                 break
             except Exception as exc:  # any other failure to read this one (I/O, allocation): try the previous
                 unreadable = unreadable or exc
-                _skipped(storage, name, exc)
+                _skipped(storage, name, exc, on_skip)
                 break
     if partial is not None:
         raise partial
@@ -73,8 +75,10 @@ def restore_newest(storage: Storage, state: MutableMapping[str, Any], strict: bo
     return None
 
 
-def _skipped(storage: Storage, name: str, exc: Exception) -> None:
+def _skipped(storage: Storage, name: str, exc: Exception, on_skip: Callable[[str, Exception], object] | None) -> None:
     detail = str(exc) if isinstance(exc, UnbrokenError) else f"{type(exc).__name__}: {exc}"
+    if on_skip is not None:
+        on_skip(name, exc)
     warn(f"skipping checkpoint {storage.url}/{name}: {detail}", CheckpointSkippedWarning)
 
 

@@ -45,7 +45,7 @@ Check = Callable[[str, Any], None]
 GROUPS: dict[str, str] = {
     "schedule": "When to save", "retention": "Which checkpoints to keep", "saving": "Saving",
     "restore": "Restoring", "locking": "One writer per run", "stops": "Pre-emption and time limits",
-    "mirror": "Second tier (mirror)", "distributed": "Under torch.distributed",
+    "mirror": "Second tier (mirror)", "distributed": "Under torch.distributed", "history": "Run history",
 }
 
 
@@ -109,6 +109,11 @@ def _positive_int(name: str, value: Any) -> None:
 
 def _by_policies(name: str, value: Any) -> None:
     """Retention options are checked together, by ``retention.policies_from`` (which prune uses too)."""
+
+
+def _callable(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a function taking one event (a dict) or None, got {value!r}")
 
 
 def _signals(_name: str, value: Any) -> None:
@@ -195,6 +200,15 @@ class ManagerOptions:
     dist_timeout: float = _option(600.0, "distributed", """Seconds a rank waits for the others in a collective
         step of a save or a restore; past it (a rank died or hangs) every rank raises instead of waiting
         forever.""", check=_seconds(positive=True))
+    # -- history --------------------------------------------------------------------------------------------
+    events: bool = _option(True, "history", """Append what happens to the run (start, restores, saves with their
+        stall and time to commit, retention, quarantines, stops, sampled ``step()`` metrics, close) to its event
+        log, ``events.jsonl`` in the run directory (docs/EVENTS.md), read by ``unbroken report``.  Never fails
+        or slows training: a log that cannot be written is warned about once.""", check=_flag)
+    on_event: Callable[[dict[str, Any]], None] | None = _option(None, "history", """A function called with
+        each event (the same dicts as the log, also with ``events=False``), e.g. to send ``save`` events to
+        TensorBoard or W&B; possibly from the background save thread.  An exception in it is warned about
+        once and never stops training.  ``ckpt.stats`` holds the last save's figures.""", check=_callable)
 
     def __post_init__(self) -> None:
         self.schedule()  # SaveSchedule checks every_steps / every_minutes / max_overhead

@@ -29,7 +29,7 @@ from typing import Any, Union
 from ..errors import UnbrokenError
 
 __all__ = ["EXIT_PREEMPTED", "STOP_MARKER", "Preempted", "Stops", "StopWatch", "StopAgreement", "parse_signals",
-           "slurm_end_time", "absolute_deadline", "write_stop_marker", "read_stop_marker"]
+           "slurm_end_time", "absolute_deadline", "earliest_limit", "write_stop_marker", "read_stop_marker"]
 
 log = logging.getLogger("unbroken")
 
@@ -210,15 +210,22 @@ def _live_below(handler: _Handler, sig: signal.Signals) -> _Handler:
 
 def absolute_deadline(max_runtime: float | None, deadline: float | None, from_slurm: bool) -> float | None:
     """The earliest of the configured limits, as UNIX time; None when there is none."""
-    limits = [time.time() + max_runtime] if max_runtime is not None else []
+    return earliest_limit(max_runtime, deadline, from_slurm)[0]
+
+
+def earliest_limit(max_runtime: float | None, deadline: float | None,
+                   from_slurm: bool) -> tuple[float, str] | tuple[None, None]:
+    """The earliest configured limit (UNIX time) and its kind: "max_runtime", or "deadline" (the
+    ``deadline`` option or the SLURM job's end); (None, None) when there is none."""
+    limits = [(time.time() + max_runtime, "max_runtime")] if max_runtime is not None else []
     if deadline is not None:
-        limits.append(deadline)
+        limits.append((deadline, "deadline"))
     if from_slurm:
         end = slurm_end_time()
         if end is not None:
-            limits.append(end)
-    finite = [x for x in limits if math.isfinite(x)]
-    return min(finite) if finite else None
+            limits.append((end, "deadline"))
+    finite = [limit for limit in limits if math.isfinite(limit[0])]
+    return min(finite) if finite else (None, None)
 
 
 class StopAgreement:
@@ -276,9 +283,12 @@ class Stops:
     """
 
     def __init__(self, signals: Sequence[signal.Signals], deadline: float | None, margin: float,
-                 clock: Callable[[], float] = time.time, timer: Callable[[], float] = time.monotonic) -> None:
-        """``clock`` and ``timer`` as for :class:`StopWatch`; ``timer`` also times the saves."""
+                 clock: Callable[[], float] = time.time, timer: Callable[[], float] = time.monotonic,
+                 deadline_kind: str | None = None) -> None:
+        """``clock`` and ``timer`` as for :class:`StopWatch`; ``timer`` also times the saves.
+        ``deadline_kind``: what set ``deadline`` ("max_runtime" or "deadline"), for :meth:`cause`."""
         self._watch = StopWatch(signals, deadline=deadline, margin=margin, clock=clock, timer=timer)
+        self._deadline_kind = deadline_kind or "deadline"
         self._agreement = StopAgreement()
         self._timer = timer
         self._save_started = 0.0
@@ -302,6 +312,15 @@ class Stops:
         if self._agreement.poll(local is not None):
             return local or "another rank is stopping"
         return None
+
+    def cause(self) -> tuple[str, str | None]:
+        """Why :meth:`reason` said stop, for the event log: ("signal", its name), (the deadline's kind,
+        None), or ("other_rank", None) when only another rank asked."""
+        if self._watch.requested is not None:
+            return "signal", self._watch.requested.name
+        if self._watch.deadline is not None and self._watch.reason() is not None:
+            return self._deadline_kind, None
+        return "other_rank", None
 
     def uninstall(self) -> None:
         """Give the signal handlers back (a manager replaced in this process stops listening)."""

@@ -16,6 +16,7 @@ from .._internal.warn import warn
 from ..errors import CorruptCheckpointError, UnbrokenError
 from ..storage import Storage, parse_step_name
 from ..storage.base import quarantine_name
+from .events import EventLog
 from .mirror import Mirror
 
 __all__ = ["quarantine", "repair_from"]
@@ -24,9 +25,10 @@ log = logging.getLogger("unbroken")
 
 
 def quarantine(storage: Storage, name: str, problem: CorruptCheckpointError,
-               clock: Callable[[], float] = time.time) -> str | None:
+               clock: Callable[[], float] = time.time, events: EventLog | None = None) -> str | None:
     """Move checkpoint ``name`` to a quarantine name; that name, or None (with a warning) when it
-    could not be moved, in which case it stays where it was and is skipped again next time."""
+    could not be moved, in which case it stays where it was and is skipped again next time.
+    ``events``: the run's event log, told of the move."""
     new_name = quarantine_name(name, clock())
     try:
         storage.quarantine(name, new_name)
@@ -36,6 +38,8 @@ def quarantine(storage: Storage, name: str, problem: CorruptCheckpointError,
         warn(message, RuntimeWarning)
         return None
     log.warning("quarantined corrupt checkpoint %s/%s as %s (%s)", storage.url, name, new_name, problem)
+    if events is not None:
+        events.quarantined(name, new_name, problem)
     return new_name
 
 
