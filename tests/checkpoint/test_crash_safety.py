@@ -50,7 +50,12 @@ def check_run_directory(run: Path) -> int:
     return records[-1].step if records else 0
 
 
-@pytest.mark.parametrize("seed", range(6))
+# Each seed is another random kill moment on the same code path; three run by default, all six with
+# ``pytest -m 'slow or not slow'`` (tests/manager/test_kill_sweep.py kills at every phase deterministically).
+SEEDS = [pytest.param(seed, marks=[pytest.mark.slow] if seed >= 3 else []) for seed in range(6)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_at_random_moments_during_saves(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)  # replay a failure with the same seed
     script = tmp_path / "child.py"
