@@ -15,6 +15,7 @@ import torch
 
 from tests.helpers import FakeClock, wait_until
 from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
+from unbroken.manager.events import read_events
 
 TESTS = Path(__file__).resolve().parents[1]
 TRAIN = TESTS / "supervised_train.py"
@@ -425,3 +426,27 @@ def test_the_first_restart_waits_the_backoff_and_says_so(tmp_path: Path,
     assert clock() - start == pytest.approx(1 + 2 + 4)
     said = [line.split("; ")[-1] for line in capsys.readouterr().err.splitlines() if "restarting in" in line]
     assert said == ["restarting in 1.0 s", "restarting in 2.0 s", "restarting in 4.0 s"]
+
+
+def crash_events(run: Path) -> list[tuple[object, ...]]:
+    return [(e["exit_status"], e["restart"], e["backoff_s"], e["preempted"]) for e in read_events(run)
+            if e["event"] == "crash"]
+
+
+def test_each_abnormal_exit_is_a_crash_event_in_the_run_log(tmp_path: Path) -> None:
+    """exit status (negative: the signal), the attempt's restart number, the backoff before the next one
+    (None: given up), for `unbroken report`'s timeline."""
+    child = script(tmp_path, "sys.exit(3) if ATTEMPT < 2 else os.kill(os.getpid(), signal.SIGKILL)\n")
+    clock = FakeClock()
+    config = SupervisorConfig(run_dir=tmp_path / "run", max_restarts=2, backoff=30, max_backoff=100)
+    assert supervise([sys.executable, str(child)], config, clock=clock, sleep=clock.sleep) == 128 + 9
+    assert crash_events(tmp_path / "run") == [(3, 0, 30, False), (3, 1, 60, False), (-9, 2, None, False)]
+
+
+def test_a_preemption_is_a_crash_event_marked_preempted_and_success_writes_none(tmp_path: Path) -> None:
+    config = SupervisorConfig(run_dir=tmp_path / "run")
+    child = script(tmp_path, f"sys.exit({EXIT_PREEMPTED})\n")
+    assert supervise([sys.executable, str(child)], config) == EXIT_PREEMPTED
+    child = script(tmp_path, "sys.exit(0)\n")
+    assert supervise([sys.executable, str(child)], config) == 0
+    assert crash_events(tmp_path / "run") == [(EXIT_PREEMPTED, 0, None, True)]

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from ..manager.events import EventLog
 from ..manager.preemption import EXIT_PREEMPTED, read_stop_marker  # the status the manager exits with after a stop save
 from .stderrtail import StderrTail
 
@@ -231,6 +232,8 @@ class _Supervisor:
         self.no_progress = 0  # restarts in a row without progress
         self.newest = _newest_step(config.run_dir)  # the newest valid checkpoint seen so far
         self.tail: list[str] = []
+        self.events: EventLog | None = None  # the run's event log, opened at the first abnormal exit
+        self.pid: int | None = None  # the last child's
 
     def run(self) -> int:
         while True:
@@ -238,9 +241,11 @@ class _Supervisor:
             returncode = self._attempt()
             status = self._preempted_behind_torchrun(_status(returncode), started)
             if status in (0, EXIT_PREEMPTED) or self.relay.stop_signal is not None:
+                self._crashed(returncode, status, None)
                 self._say_final(returncode, status)
                 return status
             delay = self._restart_delay(returncode)
+            self._crashed(returncode, status, delay)
             if delay is None:
                 return status
             stop = self._sleep(delay)
@@ -248,6 +253,17 @@ class _Supervisor:
                 _say(f"stopped by {_signal_name(stop)} while waiting to restart")
                 return 128 + stop
             self.restarts += 1
+
+    def _crashed(self, returncode: int, status: int, backoff: float | None) -> None:
+        """A ``crash`` event in the run's log for an attempt that did not exit 0 (``backoff``: the wait
+        before its restart, None when it is not restarted)."""
+        if status == 0 or self.config.run_dir is None:
+            return
+        if self.events is None:
+            self.events = EventLog.for_run(self.config.run_dir)
+        self.events.emit("crash", exit_status=returncode, restart=self.restarts, backoff_s=backoff,
+                         preempted=status == EXIT_PREEMPTED, pid=self.pid)
+        self.events.flush()
 
     def _preempted_behind_torchrun(self, status: int, started: float) -> int:
         """75 when the child's manager recorded a stop save during this attempt but the status was
@@ -288,7 +304,7 @@ class _Supervisor:
         with _handled_signals(signal.SIG_BLOCK) as mask:
             proc = subprocess.Popen(self.command, env=env, stderr=stderr_fd, start_new_session=True,
                                     preexec_fn=_child_setup(mask, os.getpid(), self.prctl))
-            self.relay.child_pid = proc.pid
+            self.relay.child_pid = self.pid = proc.pid
         return proc
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> int:
