@@ -18,14 +18,14 @@ the object exists with exactly the bytes sent) before it reports; rank 0 creates
 every rank reported (unbroken.distributed.commit).  A failed save's objects are removed by the rank
 that wrote them; a dead rank's are removed by :meth:`~FsspecStorage.cleanup` after the grace period.
 
-Key layout: ``<run>/step_N/<file>``, the checkpoint layout of FORMAT.md everywhere (local, bucket,
-``unbroken cp``, ``aws s3 sync``), so one save writes N objects (plus their parts) under one prefix.
-S3 serves about 3,500 writes/s per partitioned prefix and splits a busy prefix by key range; the rank
-files differ right after ``step_N/rank``, so a save's writes can be split between partitions, but
-step numbers only grow, so each new save starts in the newest partition again.  Up to about a thousand
-ranks at 64 MiB parts (a few thousand requests spread over the upload time) that is within one
-prefix's rate; beyond, larger ``block_size`` (fewer parts) is the knob, and botocore retries the 503
-SlowDown replies of a throttled prefix.  A layout with a spreading component before the step
+Key layout (a decision): ``<run>/step_N/<file>``, the checkpoint layout of FORMAT.md everywhere
+(local, bucket, ``unbroken cp``, ``aws s3 sync``), so a save by N ranks writes N objects under one
+prefix: N PUTs, or per rank 2 + parts requests for a multipart upload, plus N HEADs (reads).  S3
+serves about 3,500 writes/s per partitioned prefix and splits a busy prefix by key range; the rank
+files differ right after ``step_N/rank``, so one save's writes can be split, but step numbers only
+grow, so each save starts in the newest partition again.  A save issuing more writes per second than
+that is throttled (503 SlowDown, retried by botocore with backoff) until S3 splits the prefix; a
+larger ``block_size`` means fewer parts.  A spreading component before the step
 (``<run>/<hash>/step_N/...``) would need a format change and is not done (docs/DISTRIBUTED.md "At scale").
 """
 
