@@ -26,6 +26,7 @@ from unbroken.manager.preemption import Stops
 from unbroken.manager.schedule import SaveSchedule
 
 COMMON = {"v", "t", "event", "session", "rank"}
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def kinds(events: list[dict[str, Any]]) -> list[str]:
@@ -312,3 +313,23 @@ def test_a_url_run_uploads_each_sessions_log_as_its_own_object(tmp_path: Path) -
     assert kinds(events) == ["start", "restore", "save", "save", "close", "start", "restore", "save", "close"]
     assert len({e["session"] for e in events[:5]} | {e["session"] for e in events[5:]}) == 2
     assert of(events, "restore")[1]["step"] == 2
+
+
+# -- the TensorBoard example ------------------------------------------------------------------------
+
+def test_the_tensorboard_example_logs_the_save_figures_or_says_what_it_needs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process: it writes event files where tensorboard is installed; elsewhere it says so and exits 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tensorboard_logging", EXAMPLES / "tensorboard_logging.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    run = tmp_path / "run"
+    assert example.main(["--run-dir", str(run), "--steps", "4", "--save-interval", "2"]) == 0
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
+        return
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert [s["step"] for s in of(read_events(run), "save")] == [2, 4]

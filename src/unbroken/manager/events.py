@@ -125,8 +125,11 @@ class _FileSink:
             self._closer = weakref.finalize(self, os.close, fd)  # a manager dropped without close()
         os.write(self._fd, line)
 
-    def flush(self) -> None:
-        pass  # every line is written at once
+    def pending(self) -> bytes | None:
+        return None  # every line is written at once
+
+    def upload(self, data: bytes) -> None:
+        pass
 
     def close(self) -> None:
         if self._fd is not None:
@@ -146,12 +149,16 @@ class _ObjectSink:
         if not (droppable and len(self._buffer) + len(line) > _OBJECT_BUFFER_MAX):
             self._buffer += line
 
-    def flush(self) -> None:
-        if self._buffer:
-            self._storage.put_whole(self._path, bytes(self._buffer), self.where)
+    def pending(self) -> bytes | None:
+        """The whole session so far, when it has lines (under the log's lock)."""
+        return bytes(self._buffer) if self._buffer else None
+
+    def upload(self, data: bytes) -> None:
+        """Replace the session's object with ``data`` (outside the log's lock: events go on meanwhile)."""
+        self._storage.put_whole(self._path, data, self.where)
 
     def close(self) -> None:
-        self.flush()
+        pass  # EventLog.close uploads the last lines
 
 
 class _PendingSave:
@@ -178,6 +185,7 @@ class EventLog:
         self.rank = rank
         self._sink, self._on_event, self._clock, self._wall = sink, on_event, clock, wall
         self._lock = threading.Lock()
+        self._upload_lock = threading.Lock()
         self._warned: set[str] = set()
         self._closed = False
         self._pending: _PendingSave | None = None
@@ -187,11 +195,9 @@ class EventLog:
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
-    def for_storage(cls, storage: Storage | None, session: str | None = None, **kwargs: Any) -> EventLog:
+    def for_storage(cls, storage: Storage | None, **kwargs: Any) -> EventLog:
         """The log of the run in ``storage`` (None, or a store it cannot be written to: no file)."""
         log = cls(None, **kwargs)
-        if session is not None:
-            log.session = session
         if isinstance(storage, LocalStorage):
             log._sink = _FileSink(os.path.join(storage.root, EVENTS_FILE))
         elif storage is not None and callable(getattr(storage, "put_whole", None)):
@@ -228,7 +234,7 @@ class EventLog:
     def emit(self, event: str, *, droppable: bool = False, **fields: Any) -> None:
         """Record one event (to the log, then to ``on_event``).  ``droppable``: may be dropped to bound
         a URL session's buffer (metrics)."""
-        if self._closed:
+        if self._closed or (self._sink is None and self._on_event is None):
             return
         record: dict[str, Any] = {"v": SCHEMA_VERSION, "t": self._wall(), "event": event, "session": self.session,
                                   "rank": self.rank, **fields}
@@ -253,8 +259,11 @@ class EventLog:
         """Upload a URL session's lines now (a local log is always up to date)."""
         if self._sink is not None:
             try:
-                with self._lock:
-                    self._sink.flush()
+                with self._upload_lock:  # one upload at a time, each of the newest lines: never an older copy last
+                    with self._lock:
+                        data = self._sink.pending()
+                    if data is not None:
+                        self._sink.upload(data)
             except Exception as exc:
                 self._warn_once("write", f"the event log {self._sink.where} cannot be written ({one_line(exc)}); "
                                 "training continues, and events are not recorded there")
@@ -286,8 +295,10 @@ class EventLog:
     def metrics(self, step: int, values: Mapping[str, Any] | None) -> None:
         """A ``metrics`` event when ``values`` holds numbers and the sampling (:func:`metrics_stride`)
         keeps ``step``."""
-        if not values or (self._last_metrics is not None and self._last_metrics <= step
-                          < self._last_metrics + metrics_stride(step)):
+        if not values or (self._sink is None and self._on_event is None):
+            return
+        last = self._last_metrics
+        if last is not None and last <= step < last + metrics_stride(step):
             return
         kept: dict[str, float | int | None] = {}
         for name, value in values.items():
