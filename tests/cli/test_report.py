@@ -24,10 +24,10 @@ import pytest
 
 from unbroken.cli.main import main
 from unbroken.cli.report.html import render_html
-from unbroken.cli.report.log import load_events
 from unbroken.cli.report.model import RunHistory, build_history
 from unbroken.cli.report.svg import MAX_POINTS, TOP
 from unbroken.cli.report.text import render_text
+from unbroken.manager.events import EventLog, read_events
 
 T0 = 1_700_000_000.0
 EVIL = "<script>alert('x')</script>"
@@ -139,8 +139,9 @@ def test_a_torn_last_line_and_damaged_lines_are_skipped_not_fatal(tmp_path: Path
     lines.insert(3, "not json\n")
     lines.insert(5, "[1, 2]\n")
     (run / "events.jsonl").write_text("".join(lines))
-    log = load_events(run)
-    assert len(log.events) == len(events) and log.skipped_lines == 3
+    assert len(read_events(run)) == len(events)
+    code, out, _ = report(str(run), "--text")
+    assert code == 0 and "4 sessions, 2 crashes, 1 pre-emption" in out
 
 
 def test_a_session_closed_by_an_error_says_so() -> None:
@@ -299,10 +300,37 @@ def test_a_missing_run_or_log_is_exit_2_naming_what_is_missing(tmp_path: Path) -
     assert code == 2 and "no such run directory" in err
     (tmp_path / "old").mkdir()
     code, _, err = report(str(tmp_path / "old"))
-    assert code == 2 and "no event log (events.jsonl)" in err
+    assert code == 2 and "no event log (events.jsonl) in this run directory" in err
     run = write_log(tmp_path / "run", [])
     code, _, err = report(str(run), "--text", "-o", str(tmp_path / "x.html"))
     assert code == 2 and "drop one" in err
+
+
+def test_the_report_reads_the_log_the_manager_writes(tmp_path: Path) -> None:
+    """The writer of issue 18 item 4 (EventLog, as the manager drives it), two sessions, then the report."""
+    run = tmp_path / "run"
+    clock = iter(float(i) for i in range(10_000))
+    for session, (restored, steps) in enumerate([(None, range(1, 8)), (4, range(5, 11))]):
+        log = EventLog.for_run(run, clock=lambda: next(clock))
+        log.emit("start", host="node", pid=100 + session, world_size=1)
+        log.emit("restore", step=restored, checkpoint=None, skipped=[], seconds=0.1, bytes=None)
+        for step in steps:
+            log.metrics(step, {"loss": 1.0 / step, "nan": math.nan})
+            if step % 2 == 0:
+                log.save_started(step, "schedule", background=False)
+                log.save_stalled(step, 0.01)
+                log.save_committed(step, 1000 * step)
+        if session == 0:
+            log.stopped(7, "signal", "SIGTERM")
+        log.close(steps[-1])
+    history = build_history(read_events(run))
+    assert history.restarts == [(1, 4)]
+    assert [s.ending for s in history.sessions] == ["pre-empted", "closed"]
+    assert [s.step for s in history.saves] == [2, 4, 6, 6, 8, 10]
+    assert [(p.step, p.session) for p in history.metrics["loss"]][6:8] == [(7, 0), (5, 1)]
+    assert all(p.value is None for p in history.metrics["nan"])
+    dom = _Dom(render_html(history, str(run)))
+    assert dom.points("loss", "loss") == 7 + 6 and dom.points("nan") == 0 and dom.count("line", "gap") == 13
 
 
 def test_report_never_imports_torch(tmp_path: Path) -> None:

@@ -47,19 +47,17 @@ _LEGEND = ('<p class="legend">'
            + "".join(f'<span><i style="background:{c}"></i>{what}</span>' for c, what in _LEGEND_KEYS) + "</p>")
 
 
-def render_html(history: RunHistory, source: str, skipped_lines: int = 0) -> str:
-    body = "".join(_sections(history, source, skipped_lines))
+def render_html(history: RunHistory, source: str) -> str:
+    body = "".join(_sections(history, source))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>unbroken report: {esc(source)}'
             f"</title><style>{_CSS}</style></head><body>{body}</body></html>\n")
 
 
-def _sections(history: RunHistory, source: str, skipped_lines: int) -> Iterator[str]:
+def _sections(history: RunHistory, source: str) -> Iterator[str]:
     yield f"<h1>Run {esc(source)}</h1>"
     yield (f'<p class="summary" id="summary">{len(history.sessions)} session(s), {len(history.real_crashes)} '
            f"crash(es), {history.preemptions} pre-emption(s), {len(history.saves)} save(s), last step "
            f"{esc(history.last_step if history.last_step is not None else '-')}</p>")
-    if skipped_lines:
-        yield f'<p class="note">{skipped_lines} line(s) of the log skipped: not one JSON event (torn or damaged).</p>'
     yield f'<h2>Timeline</h2>{_LEGEND}<section id="timeline">{timeline(history)}</section>'
     yield '<h2>Metrics</h2><section id="metrics">'
     yield from _metric_charts(history)

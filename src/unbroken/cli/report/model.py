@@ -1,7 +1,7 @@
-"""A run's history, built from its event log (``RUN/events.jsonl``, docs in the README's "What happened
-to my run?"): the sessions (one per process start), how each began (a restore, or a fresh start) and
-ended (closed, stopped, crashed, or nothing recorded), the saves, the checkpoints retention removed,
-and the metrics passed to ``step()``.
+"""A run's history, built from its event log (``RUN/events.jsonl``, read by
+:func:`unbroken.manager.events.read_events`; README "What happened to my run?"): the sessions (one per
+process start), how each began (a restore, or a fresh start) and ended (closed, stopped, crashed, or
+nothing recorded), the saves, the checkpoints retention removed, and the metrics passed to ``step()``.
 
 The log is written by anyone's training script, so nothing in it is trusted: an event of an unknown
 type, a field missing or of the wrong type is ignored or read as "unknown", never an exception.

@@ -14,17 +14,15 @@ __all__ = ["render_text", "format_time", "format_seconds"]
 _MAX_METRICS = 12
 
 
-def render_text(history: RunHistory, source: str, skipped_lines: int = 0) -> str:
-    return "\n".join(_lines(history, source, skipped_lines)) + "\n"
+def render_text(history: RunHistory, source: str) -> str:
+    return "\n".join(_lines(history, source)) + "\n"
 
 
-def _lines(history: RunHistory, source: str, skipped_lines: int) -> Iterator[str]:
+def _lines(history: RunHistory, source: str) -> Iterator[str]:
     yield f"run {_clean(source)}"
     yield (f"  {_count(len(history.sessions), 'session')}, {_count(len(history.real_crashes), 'crash')}, "
            f"{_count(history.preemptions, 'pre-emption')}, {_count(len(history.saves), 'save')}, "
            f"last step {_opt(history.last_step)}")
-    if skipped_lines:
-        yield f"  {_count(skipped_lines, 'line')} of the log skipped (not one JSON event: torn or damaged)"
     if not history.sessions and not history.crashes:
         yield "  the event log holds no events yet"
         return
