@@ -30,10 +30,12 @@ from typing import Any
 
 from ..errors import StorageError
 from ..format import FileEntry, Manifest
+from ..format.manifest import unreadable
 from ..io.plan import FilePlan, Run
 from ..io.writer import write_tensor_file
-from ..storage import Staging, Storage
-from .assemble import SaveRefused, assemble, failure_report, report_of
+from ..storage import Staging, Storage, WriteHandle
+from .assemble import SaveRefused, assemble, failure_report, refused, report_of
+from .nodes import NodeGroup
 from .rankplan import BLOCK_BYTES, RankPlan
 from .world import World
 
@@ -48,19 +50,31 @@ class _Local:
 
 
 def save_by_ranks(world: World, storage: Storage, name: str, step: int, plan: RankPlan, file_plan: FilePlan,
-                  runs: Iterable[Run], base: Manifest) -> Manifest:
-    """Run the protocol on this rank; the committed manifest, or an error on every rank."""
+                  runs: Iterable[Run], base: Manifest, node: NodeGroup | None = None) -> Manifest:
+    """Run the protocol on this rank; the committed manifest, or an error on every rank.
+
+    With ``node`` (node-local run directories, :mod:`.nodes`) each node's leader begins and commits
+    that node's copy (its ranks' files and the one manifest, which rank 0 assembles and broadcasts):
+    see :func:`_commit_on_nodes`."""
     local = _Local()
     staging: Staging | None = None
     committed: Manifest | None = None
     try:
-        staging = _open_staging(world, storage, name, step, local)
+        if node is None:
+            staging = _open_staging(world, storage, name, step, local)
+        else:
+            staging = _open_node_staging(world, node, storage, name, step, local)
         report = _write_file(plan, staging, file_plan, runs, local)
         reports = world.saving.gather_json(report)
         outcome = None
         if reports is not None and staging is not None:  # rank 0
-            outcome, committed = _decide(base, plan, staging, reports)
+            deferred = _Deferred(staging) if node is not None else staging
+            outcome, committed = _decide(base, plan, deferred, reports)
+            if node is not None and outcome["ok"]:
+                outcome["manifest"] = deferred.manifest.decode("utf-8") if isinstance(deferred, _Deferred) else ""
         outcome = world.saving.broadcast_json(outcome)
+        if node is not None and outcome["ok"] and staging is not None:
+            outcome = _commit_on_nodes(world, node, storage, staging, name, outcome, local)
     except BaseException:
         if staging is not None:
             staging.abort()
@@ -110,6 +124,88 @@ def _open_staging(world: World, storage: Storage, name: str, step: int, local: _
         return None
 
 
+class _Deferred(Staging):
+    """Rank 0's area under node-local directories: the commit keeps the manifest for every node's leader."""
+
+    def __init__(self, staging: Staging) -> None:
+        self._staging, self.name, self.token, self.manifest = staging, staging.name, staging.token, b""
+
+    def create(self, file_name: str) -> WriteHandle:
+        return self._staging.create(file_name)
+
+    def commit(self, manifest: bytes) -> None:
+        self.manifest = manifest
+
+    def abort(self) -> None:
+        self._staging.abort()
+
+
+def _open_node_staging(world: World, node: NodeGroup, storage: Storage, name: str, step: int, local: _Local
+                       ) -> Staging | None:
+    """Each node's leader begins its node's area; rank 0 hands every node its leader's token (a gather
+    of the leaders' tokens and one broadcast of one token per node); the other ranks join theirs."""
+    staging: Staging | None = None
+    opened: dict[str, Any] | None = None
+    if node.is_leader:
+        try:
+            staging = storage.begin(name)
+            opened = {"token": staging.token}
+        except Exception as exc:
+            local.error = exc
+            opened = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
+    try:
+        gathered = world.saving.gather_json(opened)
+        tokens: dict[str, Any] | None = None
+        if gathered is not None:
+            failed = [(rank, o) for rank, o in enumerate(gathered) if o is not None and "error" in o]
+            tokens = ({"error": f"rank {failed[0][0]}: {failed[0][1]['error']}", "errno": failed[0][1]["errno"]}
+                      if failed else {str(rank): o["token"] for rank, o in enumerate(gathered) if o is not None})
+        tokens = world.saving.broadcast_json(tokens)
+    except BaseException:
+        if staging is not None:
+            staging.abort()
+        raise
+    if "error" in tokens:
+        if staging is not None:
+            staging.abort()
+        raise _failed(f"saving step {step} to the node-local directories failed: a node could not create its staging "
+                      f"area: {tokens['error']}", tokens.get("errno")) from local.error
+    if node.is_leader:
+        return staging
+    try:
+        return storage.join(name, tokens[str(node.leader)])
+    except Exception as exc:
+        local.error = exc
+        return None
+
+
+def _commit_on_nodes(world: World, node: NodeGroup, storage: Storage, staging: Staging, name: str,
+                     outcome: dict[str, Any], local: _Local) -> dict[str, Any]:
+    """Every node's leader commits the manifest rank 0 assembled; the save succeeds only when every
+    node committed (gathered on rank 0, then broadcast).  Otherwise the leaders that committed delete
+    their copy again, so that no node keeps a step the others lack."""
+    error = None
+    if node.is_leader:
+        try:
+            staging.commit(outcome["manifest"].encode("utf-8"))
+        except Exception as exc:
+            local.error = exc
+            error = {"error": f"rank {world.rank} could not commit its node's copy: {type(exc).__name__}: {exc}",
+                     "errno": getattr(exc, "errno", None)}
+    reports = world.saving.gather_json(error)
+    final: dict[str, Any] | None = None
+    if reports is not None:
+        failed = [r for r in reports if r is not None]
+        final = {"ok": False, **failed[0]} if failed else {"ok": True, "files": outcome["files"]}
+    final = world.saving.broadcast_json(final)
+    if not final["ok"] and node.is_leader and error is None:
+        try:
+            storage.delete(name)
+        except OSError as exc:  # restore skips a step missing on some node; cleanup is not needed for that
+            local.error = local.error or exc
+    return final
+
+
 def _write_file(plan: RankPlan, staging: Staging | None, file_plan: FilePlan, runs: Iterable[Run],
                 local: _Local) -> dict[str, Any]:
     if staging is None:
@@ -128,7 +224,11 @@ def _decide(base: Manifest, plan: RankPlan, staging: Staging, reports: list[dict
     """Rank 0: commit a complete, consistent checkpoint, or remove the staging area."""
     try:
         manifest = assemble(base, plan, reports)
-        staging.commit(manifest.to_json())
+        raw = manifest.to_json()
+        problem = unreadable(raw)  # readers refuse it: a commit would leave a checkpoint nothing can load
+        if problem is not None:
+            raise refused(problem)
+        staging.commit(raw)
     except Exception as exc:
         staging.abort()
         if isinstance(exc, SaveRefused):

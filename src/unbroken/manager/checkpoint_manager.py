@@ -86,7 +86,8 @@ class CheckpointManager:
         self._retention_lock = threading.Lock()
         # Under torch.distributed (world size > 1) every rank saves its part of one checkpoint and rank 0
         # commits it; unbroken/distributed/ holds the protocol.  Collective: every rank builds its manager.
-        self._dist: DistributedRun | None = attach(self.storage, self.config.restore_mode, self.config.dist_timeout)
+        self._dist: DistributedRun | None = attach(self.storage, self.config.restore_mode, self.config.dist_timeout,
+                                                   self.config.mirror_to, mirror_options)
         self._schedule = self.config.schedule() if self._dist is None else self._dist.schedule(self.config.schedule())
         self._policies = self.config.policies()
         if self._dist is None:
@@ -111,7 +112,7 @@ class CheckpointManager:
         self._save_reason = "explicit"  # the reason of save()'s saves in the event log ("close" from close())
         self._lock: RunLock | None = None
         if self.config.lock and isinstance(self.storage, LocalStorage) and (self._dist is None or
-                                                                              self._dist.is_coordinator):
+                                                                              self._dist.owns_directory):
             self._lock = RunLock(self.storage.root, on_takeover=self._taken_over)
             self._lock.acquire(self.config.lock_timeout)
             weakref.finalize(self, self._lock.release)  # a manager dropped without close() frees the run
@@ -120,8 +121,12 @@ class CheckpointManager:
         self._stops = Stops(parse_signals(cfg.stop_signals), margin=cfg.deadline_margin, deadline=deadline,
                             deadline_kind=kind)
         weakref.finalize(self, self._stops.uninstall)
-        # Under torch.distributed the coordinator alone uploads: the checkpoint is one, in a shared directory.
-        if self.config.mirror_to is not None and (self._dist is None or self._dist.is_coordinator):
+        # Under torch.distributed, from a shared directory the coordinator alone uploads; from node-local
+        # directories every rank uploads its own file and rank 0 commits (rank_mirror.py).
+        if self._dist is not None and self._dist.node is not None:
+            self._mirror = self._dist.mirror(self.storage, self.config.mirror_policies(),
+                                             _weak_call(self._apply_retention))
+        elif self.config.mirror_to is not None and (self._dist is None or self._dist.is_coordinator):
             remote = open_storage(self.config.mirror_to, mirror_options, create=True)
             # Local retention skips the checkpoint being uploaded; it runs again once that upload is done.
             self._mirror = Mirror(self.storage, remote, self.config.mirror_policies(),
@@ -353,7 +358,7 @@ class CheckpointManager:
             self._mirror.submit(step_name(manifest.step))
 
     def _apply_retention(self) -> None:
-        if not self._policies or (self._dist is not None and not self._dist.is_coordinator):
+        if not self._policies or (self._dist is not None and not self._dist.owns_directory):
             return
         with self._retention_lock:  # the writer thread and the mirror's uploader both call this
             self._retain()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..distributed.commit import save_by_ranks
+from ..distributed.nodes import NodeGroup
 from ..distributed.rankplan import RankPlan, parameter_tensors, plan_rank
 from ..distributed.world import World
 from ..format import Manifest
@@ -26,12 +27,14 @@ __all__ = ["DistributedSaver"]
 
 class DistributedSaver(SaveRunner):
     def __init__(self, world: World, storage: Storage, background: bool, budget_bytes: int | None,
-                 on_commit: Callable[[Manifest], None], live: Mapping[str, Any] | None = None) -> None:
+                 on_commit: Callable[[Manifest], None], live: Mapping[str, Any] | None = None,
+                 node: NodeGroup | None = None) -> None:
         """``live``: the manager's state, whose modules tell parameters from buffers (without it every
-        module tensor is written by rank 0: exact, with less parallel writing)."""
+        module tensor is written by rank 0: exact, with less parallel writing).  ``node``: this rank's
+        node group when the run directories are node-local (each node commits its own copy)."""
         # "skip" would let one rank skip a save that another starts: the ranks must agree, so they wait.
         super().__init__(storage, background, "wait", budget_bytes, on_commit)
-        self.world, self._live = world, live
+        self.world, self._live, self._node = world, live, node
         self._plan: RankPlan | None = None
 
     def _file_tensors(self, snap: Snapshot) -> Mapping[str, torch.Tensor]:
@@ -44,4 +47,5 @@ class DistributedSaver(SaveRunner):
     def _write(self, name: str, step: int, plan: FilePlan, runs: Iterable[Run], manifest: Manifest) -> Manifest:
         if self._plan is None:
             raise RuntimeError("internal error: a distributed save without its rank plan")
-        return save_by_ranks(self.world, self.storage, name, step, self._plan, plan, runs, manifest)
+        return save_by_ranks(self.world, self.storage, name, step, self._plan, plan, runs, manifest,
+                             self._node)

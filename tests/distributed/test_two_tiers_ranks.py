@@ -1,0 +1,65 @@
+"""Two tiers across ranks with no shared filesystem: each rank (a node) saves into a node-local run
+directory of its own, uploads its file to the ``mirror_to`` bucket in the background, and rank 0
+commits the mirror's copy last (moto's S3 server, gloo ranks as subprocesses)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import unbroken
+from tests.s3server import S3Run, S3Server
+
+from .harness import HERE, kill_all, launch, run_ok, wait_all, wait_for
+from .test_ddp_resume import STEPS, assert_same_run
+
+DDP = HERE / "ddp_worker.py"
+TIERS = HERE / "tiers_worker.py"
+
+
+def nodes(root: Path, world: int = 2) -> dict[int, dict[str, str]]:
+    return {rank: {"NODE_DIR": str(root / f"node{rank}")} for rank in range(world)}
+
+
+def committed(s3_run: S3Run) -> list[tuple[int, bool]]:
+    return [(r.step, r.valid) for r in unbroken.list_checkpoints(s3_run.url, verify=True,
+                                                                  storage_options=s3_run.storage_options)]
+
+
+@pytest.mark.timeout(240)
+def test_ranks_restarted_on_empty_node_local_disks_resume_bitwise_from_the_mirror(
+        s3_server: S3Server, s3_run: S3Run, tmp_path: Path) -> None:
+    env = s3_server.environment()
+    run_ok(DDP, [tmp_path / "ref_run", tmp_path / "ref", STEPS, "--batchnorm"], 2, tmp_path / "logs_ref")
+    ranks = launch(TIERS, [s3_run.url, tmp_path / "out", STEPS, "--batchnorm"], 2, tmp_path / "logs_crash",
+                   env={**env, "PAUSE_AT": "6"}, rank_env=nodes(tmp_path / "first"))
+    wait_for(ranks, "MIRRORED 6\n", timeout=120)
+    kill_all(ranks)
+    assert committed(s3_run)[-1] == (6, True)
+    for rank in range(2):  # each node holds its own rank's file of each checkpoint, and the manifest
+        node = tmp_path / "first" / f"node{rank}" / "step_000000006"
+        assert sorted(p.name for p in node.iterdir()) == ["manifest.json", f"rank0000{rank}.safetensors"]
+    shutil.rmtree(tmp_path / "first")  # new machines: empty local disks
+
+    resumed = run_ok(TIERS, [s3_run.url, tmp_path / "out", STEPS, "--batchnorm"], 2, tmp_path / "logs_resume",
+                     env=env, rank_env=nodes(tmp_path / "second"))
+    assert "START 6" in resumed[0].output()
+    assert_same_run(tmp_path / "ref", tmp_path / "out", 2)
+    assert [step for step, ok in committed(s3_run) if ok][-1] == STEPS  # close() waited for the last upload
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_killed_during_its_upload_leaves_the_mirror_step_uncommitted_and_the_local_tier_intact(
+        s3_server: S3Server, s3_run: S3Run, tmp_path: Path) -> None:
+    rank_env = nodes(tmp_path)
+    rank_env[1]["UNBROKEN_FAILPOINT"] = "object.put:1:kill"  # rank 1's first upload to the mirror
+    ranks = launch(TIERS, [s3_run.url, tmp_path / "out", STEPS, "--sync"], 2, tmp_path / "logs",
+                   env=s3_server.environment(), rank_env=rank_env)
+    codes = wait_all(ranks, timeout=120)
+    assert codes[1] == -9, ranks[1].output()
+    assert committed(s3_run) == []  # rank 0 never created a manifest: no step is listed in the bucket
+    for rank in range(2):
+        local = unbroken.list_checkpoints(tmp_path / f"node{rank}", verify=False)
+        assert local and local[0].step == 2 and all(r.valid for r in local), (rank, local)
