@@ -99,10 +99,15 @@ class RankMirror(Mirror):
             return
         if "error" in opened:
             raise UnbrokenError(f"rank 0 could not begin {chosen} in {self.remote.url}: {opened['error']}")
-        report, staging = self._upload_mine(chosen, staging, opened["token"])
-        reports = self.comm.gather_json(report)
-        outcome = self._decide(chosen, staging, reports) if reports is not None else None
-        outcome = self.comm.broadcast_json(outcome)
+        try:
+            report, staging = self._upload_mine(chosen, staging, opened["token"])
+            reports = self.comm.gather_json(report)
+            outcome = self._decide(chosen, staging, reports) if reports is not None else None
+            outcome = self.comm.broadcast_json(outcome)
+        except BaseException:  # a rank died (DistributedError): nothing is committed; ours go now
+            if staging is not None:
+                staging.abort()
+            raise
         if outcome["ok"]:
             log.info("mirror: %s committed to %s by %d ranks", chosen, self.remote.url, self.comm.size)
             if self.comm.rank == 0:
