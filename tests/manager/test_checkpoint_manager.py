@@ -289,7 +289,7 @@ def test_unserializable_value_fails_the_save_and_loses_nothing(tmp_path: Path) -
     with pytest.raises(UnserializableStateError, match=r"'config/activation'.*Fix"):
         ckpt.step(2)
     assert steps_on_disk(tmp_path) == [1]
-    assert [p.name for p in tmp_path.iterdir() if p.name != ".lock"] == ["step_000000001"]
+    assert [p.name for p in tmp_path.iterdir() if p.name not in (".lock", "events.jsonl")] == ["step_000000001"]
     assert unbroken.verify(tmp_path / "step_000000001").step == 1
 
 
@@ -325,7 +325,7 @@ def test_full_disk_fails_the_save_and_leaves_no_debris(tmp_path: Path) -> None:
         state["big"] = nn.Linear(1024, 512)  # 2 MB of weights on a 1 MB filesystem
         with pytest.raises(StorageError, match="No space left"):
             ckpt.step(2)
-        assert sorted(p.name for p in small.iterdir() if p.name != ".lock") == ["step_000000001"]
+        assert sorted(p.name for p in small.iterdir() if p.name not in (".lock", "events.jsonl")) == ["step_000000001"]
         assert unbroken.verify(small / "step_000000001").valid
 
 

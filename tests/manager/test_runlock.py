@@ -54,8 +54,8 @@ def test_a_second_process_is_refused_with_the_holder_named(tmp_path: Path) -> No
     try:
         with pytest.raises(RunLockedError, match=rf"in use by another CheckpointManager \(pid {proc.pid} on .*Fix:"):
             CheckpointManager(run, {"w": torch.zeros(4)})
-        # Nothing of the refused manager touched the run: the holder's checkpoint is all there is.
-        assert sorted(p.name for p in run.iterdir()) == [".lock", "step_000000001"]
+        # Nothing of the refused manager touched the run: the holder's checkpoint and log are all there is.
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "events.jsonl", "step_000000001"]
     finally:
         proc.kill()
         proc.wait(timeout=30)
