@@ -135,7 +135,8 @@ def test_check_passes_on_each_single_process_example(capsys: pytest.CaptureFixtu
     code, out = check(capsys, "--", sys.executable, str(EXAMPLES / example[0]), "--run-dir", "runs/never-used",
                       *example[1:])
     assert code == 0, out
-    assert out.count(": identical") == 3 and "resume is EXACT" in out  # the repeat and two kills
+    assert "resume is EXACT" in out and "DIFFERENT" not in out
+    assert out.count("killed at step") == (1 if example[0] == "dataloader_resume.py" else 2)  # it saves every step
 
 
 @pytest.mark.slow
@@ -182,3 +183,10 @@ def test_check_says_a_nondeterministic_script_is_not_deterministic(capsys: pytes
     kept = Path(out.split("kept: ")[1].split(" ")[0])
     assert (kept / "uninterrupted-1.jsonl").is_file() and (kept / "uninterrupted-2").is_dir()
     assert "killed" not in out  # no kill: a resume cannot match a run that does not match itself
+
+
+@pytest.mark.slow
+def test_check_refuses_a_script_that_never_restores(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = check(capsys, "--kill-at", "7", "--steps", "10", *script("no_restore.py"))
+    assert code == 2, out
+    assert "never calls restore()" in out

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from unbroken import CheckpointManager
-from unbroken.manager.pending_grads import PendingGradientsWarning
+from unbroken.manager.pending_grads import PendingGradientsWarning, watch_optimizer_steps
 
 
 def _model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -94,3 +94,23 @@ def test_a_gan_whose_generator_backward_fills_the_discriminator_grads_is_not_war
                 opt_g.step()
                 ckpt.step(step)
     assert _pending_warnings(caught) == []
+
+
+def test_another_optimizer_of_the_process_does_not_hide_the_manager_s_pending_gradients(tmp_path: Path) -> None:
+    """Optimizers outside the manager's state (another run's, a notebook's earlier cell's) do not count."""
+    watch_optimizer_steps()  # as any earlier manager of the process installed it
+    other, other_opt = _model_and_optimizer(2)
+    _backward(other)
+    other_opt.step()  # its gradients are consumed: it alone would say "nothing pending"
+    model, opt = _model_and_optimizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with CheckpointManager(tmp_path, {"model": model, "optimizer": opt}, every_steps=3, async_save=False) as ckpt:
+            for micro in range(1, 5):
+                _backward(model)
+                ckpt.step(micro)  # the save at 3 is mid-accumulation
+                if micro % 2 == 0:
+                    opt.step()
+                    opt.zero_grad()
+    assert len(_pending_warnings(caught)) == 1
+    assert other_opt is not None

@@ -116,6 +116,10 @@ def _prove(runner: Runner, kill_at: list[int] | None) -> int:
     for k in points:
         killed = _timed(runner, f"kill-{k}", kill_at=k)
         resumed = _timed(runner, f"resume-{k}", run_dir=killed.run_dir)
+        if not any(r.get("event") == "restore" for r in resumed.records):
+            raise CommandFailed("the command never calls restore() on its CheckpointManager: a run started again "
+                                "starts from step 0, there is no resume to check (call start = ckpt.restore() "
+                                "before the training loop and continue from `start`)")
         where = _kill_description(killed.kill)
         exact = _report(f"killed at step {k} {where}, resumed from step {resumed.restored}",
                         compare_resume(first, killed, resumed, _diff(first, resumed, unused), unused)) and exact

@@ -39,7 +39,6 @@ from typing import Any
 
 from .._internal import failpoints
 from ..state.rng import capture_rng
-from .pending_grads import gradients_pending
 
 __all__ = ["CheckHooks", "run_directory", "rng_fingerprint", "ENV_RUN_DIR", "ENV_KILL_AT", "ENV_KILL_SEED",
            "ENV_CHECK_LOG", "ENV_CHECK_STEPS"]
@@ -149,12 +148,12 @@ class CheckHooks:
             self._kill({"event": "kill", "step": step, "during_save": in_flight, "point": None})
         return self.end_at is not None and step >= self.end_at
 
-    def saving(self, step: int) -> None:
+    def saving(self, step: int, grads_pending: bool) -> None:
         if self._points is not None:
             self._save_starts.append(self._points.seen)
         if self.log_path is not None:
             self._record({"event": "save", "step": step, "rng": rng_fingerprint(),
-                          "grads_pending": gradients_pending()})
+                          "grads_pending": grads_pending})
 
     # -- the kill -----------------------------------------------------------------------------------
     def _save_window(self) -> int:

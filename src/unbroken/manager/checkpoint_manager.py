@@ -100,7 +100,7 @@ class CheckpointManager:
             self._saver.prepare_for(self.state, self.config.capture_rng)  # background: the first save's buffers
         self._last_step: int | None = None
         self._last_metrics: dict[str, Any] = {}
-        self._gradients = GradientCheck()
+        self._gradients = GradientCheck(self.state)
         self._check = CheckHooks.from_environment()  # unbroken check: UNBROKEN_KILL_AT, UNBROKEN_CHECK_LOG
         self._saved_steps: set[int] = set()
         self._last_committed: Manifest | None = None
@@ -291,9 +291,9 @@ class CheckpointManager:
         self._surface_errors(block=True)
         self._stops.save_started()
         self._events.save_started(step, reason, self.config.async_save)
-        self._gradients.at_save(step)  # a save between gradient-accumulation micro-steps: warned once
+        pending = self._gradients.at_save(step)  # a save between gradient-accumulation micro-steps: warned once
         if self._check is not None:
-            self._check.saving(step)
+            self._check.saving(step, pending)
         with paused_gc():
             snap = capture(self.state, rng=self.config.capture_rng)
             manifest = build_manifest(snap, step, metrics, self.config.metadata)

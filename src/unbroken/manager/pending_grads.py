@@ -10,9 +10,11 @@ optimizer step post-hook records, per optimizer, its first parameter holding a g
 tensor and its version counter.  At a save, an optimizer's gradients are pending when that gradient
 tensor has since been replaced or modified in place (a backward ran after the optimizer's last step)
 and is not all zero (``zero_grad(set_to_none=False)`` leaves zeros).  Gradients are pending when every
-optimizer that has stepped holds pending gradients: a GAN's generator backward writes into the
-discriminator's ``.grad`` after the discriminator's step, but the generator's own step consumed its
-gradients, so no warning.
+optimizer of the manager's state that has stepped holds pending gradients: a GAN's generator backward
+writes into the discriminator's ``.grad`` after the discriminator's step, but the generator's own step
+consumed its gradients, so no warning.  The optimizers of the state are those registered in it
+(unwrapped from Accelerate's and Lightning's wrappers), else those stepping the parameters of its
+modules: other optimizers of the process (another run's, a notebook's earlier cell's) do not count.
 
 Cost: the hook touches one parameter per optimizer step (microseconds, whatever the model's size);
 the save-time check reads version counters and, only when a gradient changed since its optimizer's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,9 +37,10 @@ from .._internal.warn import warn
 
 __all__ = ["GradientCheck", "watch_optimizer_steps", "gradients_pending", "PendingGradientsWarning"]
 
+_Record = tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int]
+
 # optimizer -> (its first parameter with a gradient, that gradient, the gradient's version) at its last step
-_LAST_STEP: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor], int]] = (
-    weakref.WeakKeyDictionary())
+_LAST_STEP: weakref.WeakKeyDictionary[Any, _Record] = weakref.WeakKeyDictionary()
 _INSTALL = threading.Lock()
 _installed = False
 
@@ -48,14 +52,18 @@ class PendingGradientsWarning(RuntimeWarning):
 class GradientCheck:
     """A manager's save-time check: warns once (the pattern repeats at every save between micro-steps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: Mapping[str, Any]) -> None:
         watch_optimizer_steps()
+        self._state = state
         self._warned = False
 
-    def at_save(self, step: int) -> None:
-        if not self._warned and gradients_pending():
+    def at_save(self, step: int) -> bool:
+        """Whether gradients are pending now; warns the first time they are."""
+        pending = gradients_pending(self._state)
+        if pending and not self._warned:
             self._warned = True
             warn(pending_gradients_message(step), PendingGradientsWarning)
+        return pending
 
 
 def watch_optimizer_steps() -> None:
@@ -79,13 +87,33 @@ def _stepped(optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None
                 return
 
 
-def gradients_pending() -> bool:
-    """True when every optimizer that has stepped in this process holds gradients computed after its
-    last step (see the module docstring); False when none has stepped."""
-    records = list(_LAST_STEP.values())
-    verdicts = [_pending(*record) for record in records]
+def gradients_pending(state: Mapping[str, Any]) -> bool:
+    """True when every optimizer of ``state`` that has stepped holds gradients computed after its last
+    step (see the module docstring); False when none has stepped."""
+    verdicts = [_pending(*record) for record in _records_of(state)]
     known = [v for v in verdicts if v is not None]
     return bool(known) and all(known)
+
+
+def _records_of(state: Mapping[str, Any]) -> list[_Record]:
+    last = list(_LAST_STEP.items())
+    registered = {id(inner) for value in state.values() for inner in _unwrapped(value)}
+    records = [record for optimizer, record in last if id(optimizer) in registered]
+    if records or not last:
+        return records
+    params = {id(p) for value in state.values() if isinstance(value, torch.nn.Module) for p in value.parameters()}
+    return [record for _, record in last if id(record[0]()) in params]
+
+
+def _unwrapped(value: Any, depth: int = 3) -> list[Any]:
+    """``value`` and the optimizers it wraps (``.optimizer``: Accelerate; ``._optimizer``: Lightning)."""
+    found = [value]
+    for _ in range(depth):
+        value = getattr(value, "optimizer", None) or getattr(value, "_optimizer", None)
+        if value is None:
+            break
+        found.append(value)
+    return found
 
 
 def _pending(param_ref: weakref.ref[torch.Tensor], grad_ref: weakref.ref[torch.Tensor], version: int) -> bool | None:
