@@ -35,7 +35,7 @@ from .dtypes import ITEMSIZES
 from .header import MAX_NDIM, TensorSpan
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "FileEntry", "TensorEntry", "ShardEntry", "ShardedTensor", "Manifest",
-           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "check_file_name", "seal",
+           "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_CONTAINERS", "check_file_name", "seal", "unreadable",
            "tensor_entries"]
 
 FORMAT_NAME = "unbroken-checkpoint"
@@ -239,12 +239,34 @@ def _check_seal(raw: bytes, where: str) -> bool:
     return True
 
 
+def _containers(raw: bytes) -> int:
+    """The number of JSON arrays and objects in ``raw``, exact when it matters (above the cap)."""
+    upper = raw.count(b"[") + raw.count(b"{")  # an upper bound: brackets inside strings counted too
+    if upper <= MAX_MANIFEST_CONTAINERS:
+        return upper
+    bare = _STRING.sub(b'""', raw)  # brackets inside strings are not containers
+    return bare.count(b"[") + bare.count(b"{")
+
+
+def unreadable(raw: bytes) -> str | None:
+    """Why every reader would refuse the manifest ``raw`` (its caps), None when they accept it: a writer
+    checks before committing, so that no committed checkpoint is one that cannot be loaded."""
+    fix = ("no reader could load it, so it is not committed. Fix: fewer, larger tensors or shards (shard each "
+           "tensor over fewer ranks, e.g. HSDP; fewer, larger parameters); a manifest split over several files "
+           "is future work")
+    if len(raw) > MAX_MANIFEST_BYTES:
+        return (f"the manifest would be {len(raw):,} bytes, over the {MAX_MANIFEST_BYTES:,} that readers accept "
+                f"(MAX_MANIFEST_BYTES): {fix}")
+    count = _containers(raw)
+    if count > MAX_MANIFEST_CONTAINERS:
+        return (f"the manifest would hold {count:,} JSON arrays and objects, over the {MAX_MANIFEST_CONTAINERS:,} "
+                f"that readers accept (MAX_MANIFEST_CONTAINERS, a few per tensor or shard): {fix}")
+    return None
+
+
 def _check_structure(raw: bytes, where: str) -> None:
     """Refuse, before parsing, a manifest with more than MAX_MANIFEST_CONTAINERS arrays and objects."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_MANIFEST_CONTAINERS:  # an upper bound: strings counted too
-        return
-    bare = _STRING.sub(b'""', raw)  # brackets inside strings are not containers
-    count = bare.count(b"[") + bare.count(b"{")
+    count = _containers(raw)
     if count > MAX_MANIFEST_CONTAINERS:
         raise CorruptCheckpointError(f"{where}: manifest holds {count} JSON arrays and objects, over the cap of "
                                      f"{MAX_MANIFEST_CONTAINERS} (MAX_MANIFEST_CONTAINERS; a real checkpoint holds a "

@@ -15,8 +15,9 @@ from dataclasses import replace
 from typing import TypeVar
 
 from .._internal.gcpause import paused_gc
+from ..errors import UnserializableStateError
 from ..format import FileEntry, Manifest, TensorEntry
-from ..format.manifest import tensor_entries
+from ..format.manifest import tensor_entries, unreadable
 from ..storage import Storage, WriteHandle
 from .checksum import BlockCrc, crc32c
 from .plan import FilePlan, Piece, Run
@@ -39,6 +40,9 @@ def write_checkpoint(storage: Storage, name: str, plan: FilePlan, runs: Iterable
         with paused_gc():
             final = replace(manifest, files={file_name: file_entry}, tensors=entries)
             text = final.to_json()
+        problem = unreadable(text)  # readers refuse it: a commit would leave a checkpoint nothing can load
+        if problem is not None:
+            raise UnserializableStateError(f"saving {name} to {storage.url}: {problem}")
         staging.commit(text)
     except BaseException:
         staging.abort()
