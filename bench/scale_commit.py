@@ -55,6 +55,7 @@ from benchlib import PeakRss, git_commit, machine, record_section  # noqa: E402
 
 from unbroken.checkpoint.single import versions  # noqa: E402
 from unbroken.distributed.assemble import assemble, report_of  # noqa: E402
+from unbroken.distributed.collectives import decode_all  # noqa: E402
 from unbroken.distributed.rankplan import BLOCK_BYTES, RankPlan  # noqa: E402
 from unbroken.distributed.roles import (  # noqa: E402
     assign_writers,
@@ -214,7 +215,7 @@ def gather_on_rank0(payloads: list[bytes]) -> list[Any]:
         buffer[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     raw = [g[:n].numpy().tobytes() for g, n in zip(gathered, lengths, strict=True)]
     del gathered
-    return [json.loads(b.decode("utf-8")) for b in raw]
+    return decode_all(raw)  # what gather_json decodes with
 
 
 def commit_steps(work: Workload, payloads: list[bytes]) -> tuple[dict[str, float], dict[str, int]]:

@@ -9,10 +9,16 @@ was verified against its checksum on the rank that uses it.
 * :class:`BroadcastSource` (``restore_mode="broadcast"``): rank 0 reads the manifest and the union
   of every rank's ranges, and broadcasts them in chunks; the other ranks never touch the storage
   (node-local disks, or many ranks reading the same bytes from a slow filesystem).
+* :class:`SpreadSource` (``restore_mode="spread"``, and ``"auto"`` above :data:`AUTO_DIRECT_MAX_RANKS`
+  ranks): the ranges every rank needs (a DDP model's replicated tensors) are read once, each file by
+  one rank, and broadcast by that rank; the rest (a rank's own pieces and state) each rank reads
+  itself.  In direct mode every rank of a DDP job reads every file (N² opens at N ranks); here each
+  rank opens about files/N files plus its own.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +34,15 @@ from ..io.tensor_bytes import byte_view
 from ..storage import ReadHandle, Storage
 from .collectives import Comm
 
-__all__ = ["Need", "Source", "DirectSource", "BroadcastSource", "aligned"]
+__all__ = ["Need", "Source", "DirectSource", "BroadcastSource", "SpreadSource", "aligned", "source_for",
+           "RESTORE_MODES", "AUTO_DIRECT_MAX_RANKS"]
 
 COALESCE_BYTES = 64 << 20
 CHUNK_BYTES = 64 << 20
+RESTORE_MODES = ("auto", "direct", "spread", "broadcast")
+#: ``restore_mode="auto"`` reads directly up to this many ranks (about N² file opens: 64 at 8 ranks) and
+#: spreads the shared reads above it (about N opens in all).
+AUTO_DIRECT_MAX_RANKS = 8
 
 
 @dataclass(frozen=True, order=True)
@@ -177,6 +188,122 @@ class BroadcastSource(Source):
         for need, data in out.items():
             verify(byte_view(data), need, manifest.tensors[need.tensor], f"{storage.url}/{name} (broadcast)")
         return out
+
+
+class SpreadSource(Source):
+    """Every range that every rank needs is read by one rank (whole files assigned to ranks) and
+    broadcast by it; each rank reads the rest itself.  Collective: every rank calls each method in turn,
+    whatever failed locally, and every rank ends each call with the same outcome."""
+
+    def __init__(self, comm: Comm) -> None:
+        self.comm = comm
+
+    def manifest(self, storage: Storage, name: str) -> Manifest:
+        manifest: Manifest | None = None
+        error: Exception | None = None
+        try:
+            manifest = read_manifest(storage, name)
+        except Exception as exc:  # every rank must reach the agreement below
+            error = exc
+        _agree_or_raise(self.comm, error, f"the manifest of {storage.url}/{name}")
+        if manifest is None:
+            raise CorruptCheckpointError(f"internal error: no manifest of {storage.url}/{name} and no error")
+        return manifest
+
+    def fetch(self, storage: Storage, name: str, manifest: Manifest, needs: list[Need]) -> dict[Need, torch.Tensor]:
+        candidates = self.comm.broadcast_json([[n.tensor, n.lo, n.hi] for n in needs] if self.comm.rank == 0 else None)
+        offered = [Need(t, lo, hi) for t, lo, hi in candidates]
+        mine = set(needs)
+        shared = [n for n, every in zip(offered, self.comm.all_true_each([n in mine for n in offered]), strict=True)
+                  if every]
+        owners = _owners(shared, manifest, self.comm.size)
+        out = self._exchange(storage, name, manifest, shared, owners)
+        rest = [n for n in needs if n not in out]
+        direct = DirectSource()
+        out.update(direct.fetch(storage, name, manifest, rest))
+        self.bytes_read += direct.bytes_read
+        return out
+
+    def _exchange(self, storage: Storage, name: str, manifest: Manifest, shared: list[Need],
+                  owners: dict[Need, int]) -> dict[Need, torch.Tensor]:
+        """Each owner reads its share and broadcasts it; every rank verifies what it received."""
+        own = [n for n in shared if owners[n] == self.comm.rank]
+        data: dict[Need, torch.Tensor] = {}
+        error: Exception | None = None
+        try:
+            reader = DirectSource()
+            data = reader.fetch(storage, name, manifest, own)
+            self.bytes_read += reader.bytes_read
+        except Exception as exc:  # every rank must take part in every broadcast below
+            error, data = exc, {}
+        out: dict[Need, torch.Tensor] = {}
+        for need in shared:  # the same order on every rank
+            buffer = data.get(need)
+            if buffer is None:  # a receiver's buffer, or the zeros that a failed owner still sends
+                buffer = (torch.zeros if owners[need] == self.comm.rank else torch.empty)(
+                    need.hi - need.lo, dtype=torch.uint8)
+            buffer = buffer.contiguous()
+            for start in range(0, buffer.numel(), CHUNK_BYTES):
+                self.comm.broadcast_into(buffer[start:start + CHUNK_BYTES], src=owners[need])
+            out[need] = buffer
+        _agree_or_raise(self.comm, error, f"{storage.url}/{name}")
+        for need, received in out.items():
+            verify(byte_view(received), need, manifest.tensors[need.tensor], f"{storage.url}/{name} (spread)")
+        return out
+
+
+def _owners(shared: list[Need], manifest: Manifest, ranks: int) -> dict[Need, int]:
+    """The rank that reads each shared range: whole files; the file rank r wrote goes to rank r (which
+    reads its own state there anyway; the writers' shares were balanced at save time), any other file,
+    largest first, to the rank with the fewest bytes so far.  The same on every rank: it depends only
+    on the agreed ranges."""
+    by_file: dict[str, list[Need]] = defaultdict(list)
+    for need in shared:
+        by_file[manifest.tensors[need.tensor].file].append(need)
+    size = {f: sum(n.hi - n.lo for n in needs) for f, needs in by_file.items()}
+    writer = {f: r for f in by_file if (r := _writer(f)) is not None and r < ranks}
+    load = [0] * ranks
+    owner_of: dict[str, int] = {}
+    for file_name, rank in writer.items():
+        owner_of[file_name] = rank
+        load[rank] += size[file_name]
+    heap = [(bytes_, rank) for rank, bytes_ in enumerate(load)]
+    heapq.heapify(heap)  # a heap, not a scan of every rank per file: O(files log N)
+    for file_name in sorted(set(by_file) - set(writer), key=lambda f: (-size[f], f)):
+        bytes_, rank = heapq.heappop(heap)
+        owner_of[file_name] = rank
+        heapq.heappush(heap, (bytes_ + size[file_name], rank))
+    return {need: owner_of[f] for f, needs in by_file.items() for need in needs}
+
+
+def _writer(file_name: str) -> int | None:
+    """The rank that wrote ``file_name`` (``rank00003.safetensors``: 3), None for another name."""
+    stem = file_name.removesuffix(".safetensors")
+    digits = stem.removeprefix("rank")
+    return int(digits) if stem != digits and digits.isdigit() else None
+
+
+def _agree_or_raise(comm: Comm, error: Exception | None, what: str) -> None:
+    """Raise on every rank when some rank failed (its own error on that rank, the first failing rank's
+    message elsewhere)."""
+    first = comm.first_true(error is not None)
+    if first is None:
+        return
+    message = comm.broadcast_json(f"{type(error).__name__}: {error}" if comm.rank == first else None, src=first)
+    if error is not None:
+        raise error
+    raise CorruptCheckpointError(f"rank {first} could not read {what}: {message}")
+
+
+def source_for(mode: str, comm: Comm) -> Source:
+    """The :class:`Source` of ``restore_mode`` ``mode`` on a world of ``comm.size`` ranks."""
+    if mode not in RESTORE_MODES:
+        raise ValueError(f"restore_mode must be one of {RESTORE_MODES}, got {mode!r}")
+    if mode == "auto":
+        mode = "direct" if comm.size <= AUTO_DIRECT_MAX_RANKS else "spread"
+    if mode == "broadcast":
+        return BroadcastSource(comm)
+    return SpreadSource(comm) if mode == "spread" else DirectSource()
 
 
 class _ChunkReader:

@@ -194,9 +194,12 @@ class ManagerOptions:
     mirror_keep_last: int | None = _option(None, "mirror", """Retention on the mirror: keep its N newest
         (None: keep everything uploaded).  Needs ``mirror_to``.""", check=_positive_int)
     # -- distributed ----------------------------------------------------------------------------------------
-    restore_mode: str = _option("direct", "distributed", """"direct": each rank reads the byte ranges it
-        needs; "broadcast": rank 0 reads them and broadcasts them (node-local disks, or many ranks reading the
-        same bytes).""", choices=("direct", "broadcast"))
+    restore_mode: str = _option("auto", "distributed", """"direct": each rank reads the byte ranges it
+        needs (every rank of a DDP job opens every rank's file: about N² requests at N ranks); "spread": the
+        ranges every rank needs (replicated tensors) are read once, each file by one rank, and broadcast, each
+        rank reading its own pieces itself (about N requests); "broadcast": rank 0 reads everything and
+        broadcasts it (node-local disks); "auto": direct up to 8 ranks, spread above.""",
+        choices=("auto", "direct", "spread", "broadcast"))
     dist_timeout: float = _option(600.0, "distributed", """Seconds a rank waits for the others in a collective
         step of a save or a restore; past it (a rank died or hangs) every rank raises instead of waiting
         forever.""", check=_seconds(positive=True))
