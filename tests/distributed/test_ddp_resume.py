@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from unbroken import list_checkpoints, read_state_dict
 from unbroken.format import Manifest
+from unbroken.manager.events import read_events
 
 from .harness import HERE, kill_all, launch, run_ok, wait_for
 
@@ -45,6 +46,9 @@ def test_sigkill_every_rank_mid_run_then_resume_is_bitwise_exact(tmp_path: Path,
     # At 2 ranks with a BatchNorm, whose running statistics differ between the ranks after each step.
     model = ["--batchnorm"] if world == 2 else []
     run_ok(WORKER, [tmp_path / "ref_run", tmp_path / "ref", STEPS, *model], world, tmp_path / "logs_ref")
+    events = read_events(tmp_path / "ref_run")  # the run's log: written by rank 0 alone
+    assert {e["rank"] for e in events} == {0} and "save" in {e["event"] for e in events}
+    assert [e["world_size"] for e in events if e["event"] == "start"] == [world]
 
     kill_at = random.Random(world).randint(6, 9)
     ranks = launch(WORKER, [tmp_path / "run", tmp_path / "out", STEPS, *model], world, tmp_path / "logs_crash")
