@@ -240,7 +240,12 @@ def test_delete_removes_the_manifest_first(remote: FsspecStorage, monkeypatch: p
             raise PermissionError(13, "Access Denied")  # fail half-way through
         real(path, **kwargs)
 
+    def rm(paths: list[str], **kwargs: Any) -> None:  # a batch delete: the same failure, half-way through
+        for path in paths:
+            rm_file(path)
+
     monkeypatch.setattr(remote.fs, "rm_file", rm_file)
+    monkeypatch.setattr(remote.fs, "rm", rm)
     with pytest.raises(StorageError, match="Access Denied.*credentials"):
         remote.delete(STEP)
     assert removed[0] == MANIFEST
@@ -488,3 +493,34 @@ def test_unbroken_works_without_fsspec() -> None:
             "try:\n    open_storage('s3://bucket/run')\nexcept ImportError as exc:\n    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.splitlines()[0] == "LocalStorage" and "pip install 'unbroken[s3]'" in out
+
+
+def test_deleting_a_checkpoint_of_many_objects_is_one_batch_request_after_the_manifest(
+        s3: FsspecStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention on object storage: the manifest first (the checkpoint stops looking committed), then
+    every other object in one DeleteObjects request (up to 1,000 keys each), not one DELETE per object."""
+    commit_files(s3, STEP, {f"rank{r:05d}.safetensors": b"x" for r in range(30)})
+    calls: list[tuple[str, int]] = []
+    real = s3.fs._call_s3
+
+    async def call_s3(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method.startswith("delete"):
+            keys = kwargs.get("Delete", {}).get("Objects", [kwargs.get("Key")])
+            calls.append((method, len(keys)))
+        return await real(method, *args, **kwargs)
+
+    monkeypatch.setattr(s3.fs, "_call_s3", call_s3)
+    s3.delete(STEP)
+    assert calls == [("delete_object", 1), ("delete_objects", 30)]
+    assert not s3.exists(STEP) and s3.fs.find(s3.path(STEP)) == []
+
+
+def test_objects_a_batch_delete_left_are_deleted_one_by_one(remote: FsspecStorage,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch reports no failure of a single key (S3's DeleteObjects answers 200 with per-key errors):
+    what is still listed afterwards is deleted again, one request each, whose failure would raise."""
+    commit_files(remote, STEP, {"a.bin": b"a", "b.bin": b"b", "c.bin": b"c"})
+    real_rm = remote.fs.rm
+    monkeypatch.setattr(remote.fs, "rm", lambda paths, **kw: real_rm([p for p in paths if not p.endswith("b.bin")]))
+    remote.delete(STEP)
+    assert remote.fs.find(remote.path(STEP)) == []

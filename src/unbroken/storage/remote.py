@@ -35,6 +35,7 @@ import contextlib
 import errno
 import inspect
 import logging
+import posixpath
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
 __all__ = ["FsspecStorage", "MANIFEST", "display_url", "redacted"]
+
+_GLOB = re.compile(r"[*?\[]")  # what fsspec's rm would expand as a pattern
 
 log = logging.getLogger("unbroken")
 
@@ -278,7 +281,16 @@ class FsspecStorage(Storage):
             return False
 
     def remove(self, paths: list[str], where: str) -> None:
-        """Delete objects; one already gone is fine (S3 deletes are idempotent anyway)."""
+        """Delete objects; one already gone is fine (S3 deletes are idempotent anyway).
+
+        Several objects go in batches (``rm`` of a list: S3's DeleteObjects, 1,000 keys a request, instead
+        of a request each).  A batch reports no failure of a single key, so their prefix is listed once
+        afterwards, and what is still there is deleted one by one, which raises its failure."""
+        if len(paths) > 1 and not any(_GLOB.search(p) for p in paths):  # rm globs these; ours are literal keys
+            with contextlib.suppress(Missing), self.failures("delete", where, missing=Missing):
+                self.fs.rm(list(paths))
+            left = self._objects(posixpath.commonpath(paths))
+            paths = [p for p in paths if p in left]
         for path in paths:
             with contextlib.suppress(Missing), self.failures("delete", where, missing=Missing):
                 self.fs.rm_file(path)
