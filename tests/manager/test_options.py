@@ -122,7 +122,8 @@ def test_prune_flags_reach_prune(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli_main(argv) == 0
     assert "kept 2 checkpoint(s): [2, 4]" in capsys.readouterr().out
     assert cli_main(["prune", str(run), "--best-metric", "acc", "--keep-last", "1"]) == 2
-    assert "best_metric='acc' is set but keep_best is not; set keep_best=N" in capsys.readouterr().err
+    # The command line names its own flags (issue 16), not the Python argument names.
+    assert "--best-metric='acc' is set but --keep-best is not; set --keep-best=N" in capsys.readouterr().err
 
 
 BAD_RETENTION = [
