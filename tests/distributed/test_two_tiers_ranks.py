@@ -75,3 +75,27 @@ def test_a_rank_killed_during_its_upload_leaves_the_mirror_step_uncommitted_and_
     for rank in range(2):  # the local tier holds step 2, committed before any upload began
         local = unbroken.list_checkpoints(tmp_path / f"node{rank}", verify=False)
         assert local and local[0].step == 2 and all(r.valid for r in local), (rank, local)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_same_path_on_two_nodes_is_found_node_local_and_saved_per_node_with_the_mirror(
+        s3_server: S3Server, s3_run: S3Run, tmp_path: Path) -> None:
+    """Rank 1 sees another directory under the same path (a mount namespace of its own): the ranks
+    find out, and save per node with mirror_to, or refuse clearly without it."""
+    same = {"NODE_DIR": str(tmp_path / "run")}
+    rank_env = {0: same, 1: {**same, "PRIVATE_NODE_DIR": str(tmp_path / "node1")}}
+    env = s3_server.environment()
+    ranks = launch(TIERS, [s3_run.url, tmp_path / "out0", 2, "--sync"], 2, tmp_path / "logs0",
+                   env={**env, "NO_MIRROR": "1"}, rank_env=rank_env)
+    codes = wait_all(ranks, timeout=120)
+    if 3 in codes:
+        pytest.skip("cannot bind-mount in a private mount namespace here")
+    assert codes == [0, 0] and "RAISED StorageError" in ranks[0].output(), ranks[0].output()
+    assert "is not one directory shared by every rank" in ranks[1].output()
+
+    run_ok(TIERS, [s3_run.url, tmp_path / "out", 4, "--sync"], 2, tmp_path / "logs", env=env, rank_env=rank_env)
+    assert committed(s3_run) == [(2, True), (4, True)]
+    for directory, rank in ((tmp_path / "run", 0), (tmp_path / "node1", 1)):
+        names = sorted(p.name for p in (directory / "step_000000004").iterdir())
+        assert names == ["manifest.json", f"rank0000{rank}.safetensors"]
