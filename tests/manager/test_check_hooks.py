@@ -72,7 +72,7 @@ def test_the_check_log_records_restores_metrics_saves_and_a_reseed_after_restore
     assert second[0]["rng"] == first[3]["rng"]  # restored exactly as saved
     seed = second[1]
     assert seed["call"] == "torch.manual_seed(42)" and seed["after_restore"] == 2
-    assert seed["where"].endswith(f"(test_the_check_log_records_restores_metrics_saves_and_a_reseed_after_restore)")
+    assert seed["where"].endswith("(test_the_check_log_records_restores_metrics_saves_and_a_reseed_after_restore)")
     assert "test_check_hooks.py:" in seed["where"]
     assert torch.manual_seed.__module__ == "torch.random"  # the watch is gone after the first step
 
