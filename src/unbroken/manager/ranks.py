@@ -133,7 +133,7 @@ def attach(storage: Storage, restore_mode: str = "auto", timeout_s: float = DEFA
     runs = world.control.all_gather_json([storage.url, mirror_to])
     same_run = all(run[0] == runs[0][0] for run in runs)
     one_mirror = mirror_to is not None and all(run[1] == mirror_to for run in runs)
-    if not same_run and not one_mirror:
+    if not same_run and not (one_mirror and isinstance(storage, LocalStorage)):
         log.info("rank %d checkpoints into its own run directory %s (the ranks' directories differ)", world.rank,
                  storage.url)
         return None
