@@ -27,7 +27,8 @@ from unbroken.cli.report.html import render_html
 from unbroken.cli.report.model import RunHistory, build_history
 from unbroken.cli.report.svg import MAX_POINTS, TOP
 from unbroken.cli.report.text import render_text
-from unbroken.manager.events import EventLog, read_events
+from unbroken.manager.event_log_format import read_events
+from unbroken.manager.events import EventLog
 
 T0 = 1_700_000_000.0
 EVIL = "<script>alert('x')</script>"

@@ -15,7 +15,7 @@ import torch
 
 from tests.helpers import FakeClock, wait_until
 from unbroken.cli.supervisor import EXIT_PREEMPTED, SupervisorConfig, supervise
-from unbroken.manager.events import read_events
+from unbroken.manager.event_log_format import read_events
 
 TESTS = Path(__file__).resolve().parents[1]
 TRAIN = TESTS / "supervised_train.py"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from unbroken import list_checkpoints, read_state_dict
 from unbroken.format import Manifest
-from unbroken.manager.events import read_events
+from unbroken.manager.event_log_format import read_events
 
 from .harness import HERE, kill_all, launch, run_ok, wait_for
 

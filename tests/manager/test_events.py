@@ -21,7 +21,8 @@ from tests.helpers import FakeClock, SyncManager, make_state
 from unbroken import CheckpointSkippedWarning
 from unbroken._internal import failpoints
 from unbroken.manager import checkpoint_manager, options
-from unbroken.manager.events import EVENTS_FILE, EventLog, SaveStats, metrics_stride, read_events
+from unbroken.manager.event_log_format import EVENTS_FILE, read_events
+from unbroken.manager.events import EventLog, SaveStats, metrics_stride
 from unbroken.manager.preemption import Stops
 from unbroken.manager.schedule import SaveSchedule
 

@@ -16,7 +16,7 @@ from unbroken.cli.report.html import render_html
 from unbroken.cli.report.model import build_history
 from unbroken.cli.report.text import render_text
 from unbroken.cli.storage_commands import storage_options
-from unbroken.manager.events import EVENTS_DIR, EVENTS_FILE, read_events
+from unbroken.manager.event_log_format import EVENTS_DIR, EVENTS_FILE, read_events
 from unbroken.storage import is_url
 
 __all__ = ["add_report"]

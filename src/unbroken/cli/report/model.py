@@ -1,5 +1,5 @@
 """A run's history, built from its event log (``RUN/events.jsonl``, read by
-:func:`unbroken.manager.events.read_events`; README "What happened to my run?"): the sessions (one per
+:func:`unbroken.manager.event_log_format.read_events`; README "What happened to my run?"): the sessions (one per
 process start), how each began (a restore, or a fresh start) and ended (closed, stopped, crashed, or
 nothing recorded), the saves, the checkpoints retention removed, and the metrics passed to ``step()``.
 
