@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.shared_reference import session_environment, shared_run
+
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "dataloader_resume.py"
 BATCHES_PER_EPOCH = 12  # 90 samples, batch size 8
 
@@ -45,13 +47,16 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[str], Path]]:
-    """One uninterrupted run per loader kind, shared by its kill points."""
+    """One uninterrupted run per loader kind, shared by its kill points on every xdist worker; each
+    test also shows it reproducible (the killed run's steps before the kill must equal it)."""
     cache: dict[str, tuple[list[str], Path]] = {}
 
     def get(loader: str) -> tuple[list[str], Path]:
         if loader not in cache:
-            base = tmp_path_factory.mktemp(f"ref-{loader}")
-            cache[loader] = (run(base / "run", loader, final=base / "final"), base / "final")
+            key = {"script": str(SCRIPT), "loader": loader, "epochs": 2, "env": session_environment()}
+            base, saved = shared_run(tmp_path_factory, f"dataloader-{loader}", key,
+                                     lambda base: {"steps": run(base / "run", loader, final=base / "final")})
+            cache[loader] = (saved["steps"], base / "final")
         return cache[loader]
 
     return get  # type: ignore[return-value]
