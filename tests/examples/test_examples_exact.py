@@ -18,6 +18,8 @@ import sys
 
 import pytest
 
+from tests.shared_reference import session_environment, shared_run
+
 from .harness import (
     EXAMPLES_DIR,
     KillPlan,
@@ -26,6 +28,7 @@ from .harness import (
     compare_checkpoints,
     example_command,
     loss_diffs,
+    parse_output,
     run_and_kill,
     run_to_end,
 )
@@ -43,15 +46,23 @@ def command(example: str, run_dir) -> list[str]:
     return example_command(example, run_dir, STEPS, SAVE_INTERVAL, "--keep-last", str(KEEP_LAST))
 
 
+def reference_record(example: str, run_dir) -> dict:
+    out = run_to_end(command(example, run_dir), TIMEOUT_S)
+    return {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run of each example, computed once per module."""
+    """The uninterrupted run of each example, run once per session (shared by the xdist workers).
+    Each test also shows it reproducible: its killed runs' steps before the kill must equal it."""
     cache: dict[str, tuple] = {}
 
     def get(example: str) -> tuple:
         if example not in cache:
-            run_dir = tmp_path_factory.mktemp(f"{example}-reference")
-            out = run_to_end(command(example, run_dir), TIMEOUT_S)
+            key = {"argv": command(example, "<run-dir>"), "env": session_environment()}
+            workdir, saved = shared_run(tmp_path_factory, f"example-{example}", key,
+                                        lambda workdir: reference_record(example, workdir / "run"))
+            run_dir, out = workdir / "run", parse_output(saved["returncode"], saved["stdout"], saved["stderr"])
             assert out.resumed_from == 0, out.describe()
             assert sorted(out.losses) == list(range(1, STEPS + 1)), out.describe()
             assert (checkpoint_dir(run_dir, STEPS) / "manifest.json").is_file(), (
