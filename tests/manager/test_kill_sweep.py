@@ -10,16 +10,15 @@ adds a second point of some kinds and runs with ``pytest -m slow tests/manager/t
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
-from tests.killsweep import Reference, choose_points, kill_and_resume, reference_run
+from tests.killsweep import TOTAL_STEPS, TRAINER, Reference, choose_points, kill_and_resume, reference_run
+from tests.shared_reference import session_environment, shared_run
 from unbroken._internal.failpoints import POINTS
 
 POINTS_PER_MODE = 15
@@ -36,19 +35,11 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def shared_reference(tmp_path_factory: pytest.TempPathFactory, mode: str) -> Reference:
-    """The uninterrupted run of ``mode``, run once per session: under xdist the first worker to need
-    it runs it and the others read its record (a reference run is deterministic: same points, same
-    digests)."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        return reference_run(tmp_path_factory.mktemp(f"reference-{mode}"), mode)
-    shared = tmp_path_factory.getbasetemp().parent  # this session's directory, common to its workers
-    record = shared / f"kill-sweep-reference-{mode}.json"
-    with FileLock(f"{record}.lock"):
-        if not record.is_file():
-            workdir = shared / f"kill-sweep-reference-{mode}"
-            workdir.mkdir()
-            record.write_text(json.dumps(asdict(reference_run(workdir, mode))))
-        saved = json.loads(record.read_text())
+    """The uninterrupted run of ``mode``, run once per session and shared by the xdist workers (a
+    reference run is deterministic: same points, same digests)."""
+    key = {"trainer": str(TRAINER), "mode": mode, "steps": TOTAL_STEPS, "env": session_environment()}
+    _, saved = shared_run(tmp_path_factory, f"kill-sweep-{mode}", key,
+                          lambda workdir: asdict(reference_run(workdir, mode)))
     return Reference(mode, {int(step): d for step, d in saved["digests"].items()}, saved["final"],
                      saved["points"], saved["steps"])
 

@@ -20,6 +20,7 @@ import pytest
 
 import unbroken
 from tests.helpers import FakeClock
+from tests.shared_reference import session_environment, shared_run
 from unbroken.manager import checkpoint_manager
 from unbroken.manager.preemption import Stops, StopWatch
 
@@ -61,7 +62,10 @@ def run_to_end(run: Path, total: int, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return run_to_end(tmp_path_factory.mktemp("reference") / "run", 30)
+    """The uninterrupted run's final line, run once per session and shared by the xdist workers."""
+    key = {"script": str(SCRIPT), "total": 30, "env": session_environment()}
+    _, record = shared_run(tmp_path_factory, "preempt", key, lambda workdir: {"done": run_to_end(workdir / "run", 30)})
+    return str(record["done"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
