@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import unbroken
+from tests.shared_reference import session_environment, shared_run
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("transformers")
@@ -57,14 +58,19 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"not bitwise equal: {different}"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two uninterrupted runs at once: with the adapter ("ref") and the bare Trainer ("bare")."""
-    tmp = tmp_path_factory.mktemp("hf_reference")
+def run_references(tmp: Path) -> dict[str, Any]:
     procs = [run_worker(tmp, "ref", wait=False), run_worker(tmp, "bare", adapter=False, wait=False)]
     for proc in procs:
         finish(proc)
-    return tmp
+    return {}  # what the tests compare is in the files under tmp
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two uninterrupted runs at once: with the adapter ("ref") and the bare Trainer ("bare"); run once
+    per session and shared by the xdist workers."""
+    key = {"module": "tests.integrations.hf_train", "env": session_environment()}
+    return shared_run(tmp_path_factory, "hf-trainer", key, run_references)[0]
 
 
 def test_uninterrupted_run_with_the_adapter_equals_the_bare_trainer_bitwise(reference: Path) -> None:
