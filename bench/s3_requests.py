@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from benchlib import git_commit, machine, record_section  # noqa: E402
+from benchlib import Tensors, git_commit, machine, record_section  # noqa: E402
 
 from unbroken import CheckpointManager  # noqa: E402
 from unbroken.storage import FsspecStorage, step_name  # noqa: E402
@@ -135,18 +135,6 @@ def _prefix(key: str) -> str:
     if len(parts) == 2:
         return f"run/{step}/ (listing)"
     return f"run/{step}/{'manifest.json' if parts[2] == 'manifest.json' else 'data object'}"
-
-
-class Tensors:
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            self.tensors[k].copy_(v)
 
 
 def scenario(mb: int, endpoint: str, log: Path) -> list[tuple[str, list[tuple[str, str, int]]]]:

@@ -95,17 +95,19 @@ def _failed(message: str, errno: int | None) -> StorageError:
     return StorageError(errno, message) if errno else StorageError(message)
 
 
+def _begin(storage: Storage, name: str, local: _Local) -> tuple[Staging | None, dict[str, Any]]:
+    """Begin a staging area: it and its token to hand to the joiners, or the failure to report."""
+    try:
+        staging = storage.begin(name)
+    except Exception as exc:
+        local.error = exc
+        return None, {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
+    return staging, {"token": staging.token}
+
+
 def _open_staging(world: World, storage: Storage, name: str, step: int, local: _Local) -> Staging | None:
     """Rank 0 begins the area, the others join it; None on a rank that could not join."""
-    opened: dict[str, Any] | None = None
-    staging: Staging | None = None
-    if world.is_coordinator:
-        try:
-            staging = storage.begin(name)
-            opened = {"token": staging.token}
-        except Exception as exc:
-            local.error = exc
-            opened = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
+    staging, opened = _begin(storage, name, local) if world.is_coordinator else (None, None)
     try:
         opened = world.saving.broadcast_json(opened)
     except BaseException:
@@ -144,15 +146,7 @@ def _open_node_staging(world: World, node: NodeGroup, storage: Storage, name: st
                        ) -> Staging | None:
     """Each node's leader begins its node's area; rank 0 hands every node its leader's token (a gather
     of the leaders' tokens and one broadcast of one token per node); the other ranks join theirs."""
-    staging: Staging | None = None
-    opened: dict[str, Any] | None = None
-    if node.is_leader:
-        try:
-            staging = storage.begin(name)
-            opened = {"token": staging.token}
-        except Exception as exc:
-            local.error = exc
-            opened = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}
+    staging, opened = _begin(storage, name, local) if node.is_leader else (None, None)
     try:
         gathered = world.saving.gather_json(opened)
         tokens: dict[str, Any] | None = None
