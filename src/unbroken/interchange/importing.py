@@ -17,21 +17,24 @@ from typing import Any
 from .._internal.warn import warn
 from ..checkpoint.listing import CheckpointRecord, record_of
 from ..checkpoint.single import build_manifest
-from ..errors import CheckpointExistsError, RunLockedError, UnserializableStateError
+from ..errors import CheckpointExistsError, UnserializableStateError
 from ..format import Manifest
 from ..format.values import encode
 from ..io import FilePlan, live_runs, write_checkpoint
 from ..io.plan import Run
 from ..io.reader import VerifyProgress as Progress
 from ..manager.run_directory import open_run_directory
-from ..manager.runlock import RunLock
+from ..manager.runlock import run_locked
 from ..state.capture import Snapshot
 from ..state.objects import Kind
-from ..storage import LocalStorage, Storage, is_url, step_name
+from ..storage import Storage, is_url, step_name
 from ..storage.paths import committed_steps
 from .formats import Entry, Found, read_source
 
 __all__ = ["import_checkpoint"]
+
+_BUSY = ("an import there could race its saves and retention. Fix: import when that training has stopped, or into "
+         "another run directory")
 
 Source = str | os.PathLike[str]
 
@@ -66,7 +69,7 @@ def import_checkpoint(sources: Source | Sequence[Source], run: Source, *, step: 
                              "notes": [note for f in found for note in f.notes]}}
     storage = open_run_directory(run, storage_options)
     name = step_name(chosen)
-    with _RunLocked(storage):
+    with run_locked(storage, busy=_BUSY):
         if storage.exists(name):
             raise CheckpointExistsError(f"{storage.url}/{name} already exists; an import never overwrites. Fix: "
                                         "pass --step with another step, or import into another run directory")
@@ -169,25 +172,3 @@ def _reported(runs: Iterable[Run], advance: Callable[[int], None]) -> Iterator[R
     for run in runs:
         yield run
         advance(sum(end - start for _, start, end in run[1]))
-
-
-class _RunLocked:
-    """The run's lock (local runs, like a CheckpointManager's) while the checkpoint is written."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
-
-    def __enter__(self) -> None:
-        if self._lock is None:
-            return
-        try:
-            self._lock.acquire(0.0, take_over=False)
-        except RunLockedError:
-            root = os.path.dirname(self._lock.path)
-            raise RunLockedError(f"{root} is in use by a CheckpointManager (its holder is named in {self._lock.path}); "
-                                 "an import there could race its saves and retention. Fix: import when that "
-                                 "training has stopped, or into another run directory") from None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._lock is not None:
-            self._lock.release()

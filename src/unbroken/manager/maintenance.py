@@ -8,9 +8,8 @@ save (manifest last) and verified; steps the destination already has are not cop
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from ..storage.base import parse_quarantine_name
 from ..storage.paths import open_run, quarantined_names
 from .quarantine import quarantine
 from .retention import RetentionPolicy, expired, policies_from
-from .runlock import RunLock
+from .runlock import run_locked
 
 __all__ = ["PruneResult", "prune", "quarantine_corrupt", "copy_checkpoints"]
 
@@ -50,21 +49,8 @@ def prune(run_dir: str | os.PathLike[str], *, keep_last: int | None = None, keep
     if not policies and not invalid:
         raise ValueError("prune needs a rule (keep_last, keep_best, keep_every) or invalid=True")
     storage = open_run(run_dir, storage_options)
-    with _run_locked(storage):
+    with run_locked(storage):
         return _prune(storage, policies, invalid, dry_run)
-
-
-@contextlib.contextmanager
-def _run_locked(storage: Storage) -> Iterator[None]:
-    """Hold a local run's lock for the duration: RunLockedError while a manager is writing there."""
-    lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
-    if lock is not None:
-        lock.acquire(0, take_over=False)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _prune(storage: Storage, policies: list[RetentionPolicy], invalid: bool, dry_run: bool) -> PruneResult:
@@ -111,7 +97,7 @@ def quarantine_corrupt(run_dir: str | os.PathLike[str], steps: Iterable[int] | N
     storage = open_run(run_dir, storage_options)
     wanted = set(steps) if steps is not None else None
     moved = []
-    with _run_locked(storage):
+    with run_locked(storage):
         for record in scan(storage):
             if wanted is not None and record.step not in wanted:
                 continue

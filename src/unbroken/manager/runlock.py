@@ -23,6 +23,7 @@ only, so the lock is taken once and never re-validated.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -31,12 +32,13 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .._internal.warn import warn
 from ..errors import RunLockedError, StorageError
+from ..storage import LocalStorage, Storage
 
-__all__ = ["RunLock", "LOCK_NAME"]
+__all__ = ["RunLock", "LOCK_NAME", "run_locked"]
 
 LOCK_NAME = ".lock"
 _POLL_SECONDS = 0.05
@@ -149,3 +151,24 @@ def _read_owner(fd: int) -> str:
         return f"pid {int(owner['pid'])} on {str(owner['host'])[:100]} since {since}"
     except (ValueError, KeyError, TypeError, OSError):
         return "holder unknown"
+
+
+@contextlib.contextmanager
+def run_locked(storage: Storage, busy: str | None = None) -> Iterator[None]:
+    """Hold a local run's lock for the duration of a maintenance operation (prune, quarantine,
+    import; object stores have no lock): :class:`RunLockedError` while a manager writes there, never
+    a takeover.  ``busy``, when given, replaces the advice of that error (it names the operation)."""
+    lock = RunLock(storage.root) if isinstance(storage, LocalStorage) else None
+    if lock is not None:
+        try:
+            lock.acquire(0.0, take_over=False)
+        except RunLockedError:
+            if busy is None:
+                raise
+            raise RunLockedError(f"{os.path.dirname(lock.path)} is in use by a CheckpointManager (its holder is "
+                                 f"named in {lock.path}); {busy}") from None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
