@@ -250,6 +250,8 @@ class _TrainerState:
     def state_dict(self) -> dict[str, Any]:
         if not self.live:
             return {}
+        # Lightning's weights_only=False here means "with optimizer and loop state": it builds the dict
+        # Trainer.save_checkpoint would write, in memory. Nothing is unpickled; the dict is stored as typed values.
         checkpoint = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         checkpoint.pop("state_dict", None)  # the "model" entry
         for key in _HPARAM_KEYS:
@@ -278,6 +280,7 @@ class _UnbrokenIO(CheckpointIO):
                         ) -> dict[str, Any]:
         if self.callback.owns(path):
             return self.callback.load(path)
+        # A path that is not ours (the user's own .ckpt) is Lightning's to load, exactly as without the adapter.
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path: Any) -> None:
