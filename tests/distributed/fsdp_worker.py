@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,24 +67,23 @@ def dump(model: nn.Module, opt: torch.optim.Optimizer, path: Path, rank: int) ->
         save_file(tensors, str(path))
 
 
-def main() -> None:
-    mode, run, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    broadcast = "--broadcast" in sys.argv
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+def save_or_restore(save: bool, run: str, out: Path, broadcast: bool,
+                    bytes_read: Callable[[unbroken.CheckpointManager], int], counter: str) -> None:
+    """Save at step 3 (``save``), or restore and go on; ``OUT/<counter><rank>.txt`` holds what
+    ``bytes_read`` says this rank read to restore (shared with s3_worker.py, which counts the store's bytes)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out.mkdir(parents=True, exist_ok=True)
     model, opt = build(world)
     state = {"model": model, "optimizer": opt}
     ckpt = unbroken.CheckpointManager(run, state, async_save=False, dist_timeout=60,
                                       restore_mode="broadcast" if broadcast else "direct")
-    if mode == "save":
+    if save:
         train(model, opt, 1, 3, rank)
         ckpt.save(3)
         dump(model, opt, out / "expected.safetensors", rank)
     else:
         step = ckpt.restore()
-        source = ckpt._dist.last_source if ckpt._dist is not None else None
-        (out / f"read{rank}.txt").write_text(str(source.bytes_read if source is not None else -1))
+        (out / f"{counter}{rank}.txt").write_text(str(bytes_read(ckpt)))
         dump(model, opt, out / "restored.safetensors", rank)
         loss = train(model, opt, step + 1, step + 2, rank)
         if not math.isfinite(loss):
@@ -91,6 +91,17 @@ def main() -> None:
         ckpt.save(step + 2)
         print(f"RESTORED {step} LOSS {loss}", flush=True)
     ckpt.close()
+
+
+def _bytes_read(ckpt: unbroken.CheckpointManager) -> int:
+    source = ckpt._dist.last_source if ckpt._dist is not None else None
+    return source.bytes_read if source is not None else -1
+
+
+def main() -> None:
+    mode, run, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    save_or_restore(mode == "save", run, out, "--broadcast" in sys.argv, _bytes_read, "read")
     dist.barrier()
     dist.destroy_process_group()
 

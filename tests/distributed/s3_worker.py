@@ -15,7 +15,6 @@ then ``SAVED 2`` or ``RAISED <type>: <message>``.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import unbroken
-from tests.distributed.fsdp_worker import build, dump, train
+from tests.distributed.fsdp_worker import save_or_restore
 from unbroken._internal import failpoints
 from unbroken.errors import DistributedError
 
@@ -53,35 +52,14 @@ def fault(run: str) -> None:
     ckpt.close()
 
 
-def fsdp(mode: str, run: str, out: Path, broadcast: bool) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out.mkdir(parents=True, exist_ok=True)
-    model, opt = build(world)
-    ckpt = unbroken.CheckpointManager(run, {"model": model, "optimizer": opt}, async_save=False, dist_timeout=60,
-                                      restore_mode="broadcast" if broadcast else "direct")
-    if mode == "fsdp-save":
-        train(model, opt, 1, 3, rank)
-        ckpt.save(3)
-        dump(model, opt, out / "expected.safetensors", rank)
-    else:
-        step = ckpt.restore()
-        (out / f"fetched{rank}.txt").write_text(str(ckpt.storage.fetched_bytes))  # type: ignore[attr-defined]
-        dump(model, opt, out / "restored.safetensors", rank)
-        loss = train(model, opt, step + 1, step + 2, rank)
-        if not math.isfinite(loss):
-            raise SystemExit(f"loss {loss} after the restore")
-        ckpt.save(step + 2)
-        print(f"RESTORED {step} LOSS {loss}", flush=True)
-    ckpt.close()
-
-
 def main() -> None:
     mode, run = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     if mode == "fault":
         fault(run)
     else:
-        fsdp(mode, run, Path(sys.argv[3]), "--broadcast" in sys.argv)
+        save_or_restore(mode == "fsdp-save", run, Path(sys.argv[3]), "--broadcast" in sys.argv,
+                        lambda ckpt: ckpt.storage.fetched_bytes, "fetched")  # type: ignore[attr-defined]
     dist.barrier()
     dist.destroy_process_group()
 
