@@ -34,7 +34,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .._internal.version import __version__
@@ -313,7 +313,7 @@ class EventLog:
     def save_stalled(self, step: int, seconds: float) -> None:
         """``step()``/``save()`` returns, ``seconds`` after the save of ``step`` began."""
         with self._lock:
-            self._stats = _replace(self._stats, total_stall_s=self._stats.total_stall_s + seconds)
+            self._stats = replace(self._stats, total_stall_s=self._stats.total_stall_s + seconds)
             pending = self._pending
             if pending is None or pending.step != step:
                 return
@@ -360,7 +360,7 @@ class EventLog:
         with self._lock:
             if self._pending is not None and self._pending.step == step:
                 self._pending = None
-            self._stats = _replace(self._stats, failed_saves=self._stats.failed_saves + 1)
+            self._stats = replace(self._stats, failed_saves=self._stats.failed_saves + 1)
         self.emit("save_failed", step=step, error=one_line(error))
 
     def skipped(self, name: str, reason: object) -> None:
@@ -394,7 +394,3 @@ class EventLog:
     def stopped(self, step: int, cause: str, signal: str | None) -> None:
         self.emit("stop", step=step, cause=cause, signal=signal)
         self.flush()
-
-
-def _replace(stats: SaveStats, **changes: Any) -> SaveStats:
-    return SaveStats(**{**stats.__dict__, **changes})
